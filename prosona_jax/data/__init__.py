@@ -1,0 +1,1 @@
+"""Multi-rater data: sources, splits and Grain pipelines."""

@@ -1,0 +1,1 @@
+"""Flax modules: backbones, Probabilistic U-Net parts, prompt projector, text encoders."""
