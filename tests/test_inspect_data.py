@@ -1,0 +1,78 @@
+"""Tests of the `inspect_data` card, JSON summary, figure and command line."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from prosona_jax import inspect_data
+from prosona_jax.data.synthetic import SyntheticSource
+
+REPO = pathlib.Path(__file__).parents[1]
+CROPS = REPO.parent / "shared" / "data" / "data_lidc_sample.pickle"
+KEYS = {"num_images", "num_raters", "num_patients", "fold_sizes", "rater_mean_area",
+        "num_empty_masks"}
+
+
+def _check_folds(summary, source):
+  """Holds for any patient-grouped K=4 partition."""
+  sizes = summary["fold_sizes"]
+  assert len(sizes) == 4 and sum(sizes) == len(source) and min(sizes) > 0
+  per_patient = len(source) // len(set(source.patient_ids))
+  assert all(s % per_patient == 0 for s in sizes)  # Whole patients only.
+
+
+def test_summarize_and_card_on_synthetic(tmp_path):
+  source = SyntheticSource(num_images=24, num_patients=6, image_size=32)
+  summary = inspect_data.summarize(source)
+  assert set(summary) == KEYS
+  areas = source.mask_areas()
+  assert summary["num_images"] == 24 and summary["num_raters"] == 4
+  assert summary["num_patients"] == 6
+  np.testing.assert_allclose(summary["rater_mean_area"], areas.mean(0), atol=1e-3)
+  assert summary["num_empty_masks"] == int((areas == 0).sum())
+  _check_folds(summary, source)
+  text = inspect_data.card(source, summary)
+  assert "patients:        6" in text and "conservative" in text
+  picks = inspect_data.draw_examples(source, str(tmp_path / "ex.png"), 3)
+  assert len(picks) == 3 and (tmp_path / "ex.png").stat().st_size > 1000
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "prosona_jax.inspect_data", *args],
+                        cwd=REPO, capture_output=True, text=True, check=True)
+
+
+def test_cli_synthetic_json_and_png(tmp_path):
+  out = _cli("synthetic", "--format=synthetic", "--num_images=24", "--num_patients=6",
+             "--image_size=32", f"--json={tmp_path / 's.json'}",
+             f"--png={tmp_path / 's.png'}")
+  summary = json.loads((tmp_path / "s.json").read_text())
+  source = SyntheticSource(num_images=24, num_patients=6, image_size=32)
+  assert summary == inspect_data.summarize(source)
+  assert "images per fold" in out.stdout and (tmp_path / "s.png").exists()
+
+
+def test_cli_on_the_lidc_sample(tmp_path):
+  if not CROPS.exists():
+    pytest.skip(f"{CROPS} not found")
+  out = _cli(str(CROPS), f"--json={tmp_path / 'l.json'}")
+  summary = json.loads((tmp_path / "l.json").read_text())
+  assert set(summary) == KEYS
+  assert summary["num_images"] == 6 and summary["num_raters"] == 4
+  assert summary["num_patients"] == 6 and sum(summary["fold_sizes"]) == 6
+  assert summary["num_empty_masks"] == 12  # 12 of the 24 real masks are empty.
+  assert summary["rater_mean_area"] == sorted(summary["rater_mean_area"])  # By area.
+  assert "lidc_crops" in out.stdout and "read 6 records" in out.stderr
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "prosona_jax.inspect_data", str(tmp_path / "none.npz")],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 1
+  assert "none.npz" in result.stderr and "no such" in result.stderr
+  assert "Traceback" not in result.stderr
