@@ -1,0 +1,115 @@
+"""The default configuration every `configs/*.py` starts from.
+
+Each field has a one-line comment. Dataset configs override what differs; the command
+line overrides the rest (`--config.stage1.lr=3e-4`). `lock_config=True` in `main.py`
+makes a misspelt override fail at start-up, so every field a run may set lives here.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the ProSona defaults (the paper's choices; D-Persona's behind switches)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Base PRNG seed for initialisation and sampling.
+  c.stages = ("stage1", "stage2")  # Which stages `main` runs, in order.
+
+  # ---------------------------------------------------------------- data
+  d = c.data = ml_collections.ConfigDict()
+  d.format = "synthetic"  # synthetic | lidc_attributes | lidc_crops | npz | folder | auto.
+  d.path = ""  # File or folder of the dataset (unused for `synthetic`).
+  d.image_size = 128  # Images and masks are H = W = image_size.
+  d.in_channels = 1  # Image channels C.
+  d.num_raters = 4  # R: masks per image.
+  d.rater_names = ("rater1", "rater2", "rater3", "rater4")  # Display / folder names of raters.
+  d.order_raters_by_area = False  # Re-order masks per image by ascending area (LIDC: True).
+  d.num_folds = 4  # K of the K-fold cross-validation.
+  d.split_seed = 1337  # Seed of the fold assignment.
+  d.split_level = "patient"  # patient (grouped folds) | slice (D-Persona's historical folds).
+  d.fold = 0  # Test fold of this run; -1 runs every fold in turn.
+  d.val_fraction = 0.1  # Fraction of training patients carved out for validation.
+  d.batch_size = 8  # Global batch size (paper: 8; D-Persona: 12).
+  d.eval_batch_size = 16  # Batch size for validation and test scoring.
+  d.shuffle_seed = 0  # Seed of the training-order shuffle and augmentation.
+  d.worker_count = 0  # Grain worker processes (0: in the main process).
+  d.augment_flip = True  # Random horizontal and vertical flips.
+  d.augment_rotate = True  # Random rotation by an angle in [-180, 180] degrees.
+  # Synthetic multi-rater set (format == "synthetic").
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.num_images = 256  # Images in the set.
+  d.synthetic.num_patients = 64  # Images are grouped into this many patients.
+  d.synthetic.seed = 0  # Generation seed: same seed, same set.
+  # Multi-rater folder layout (format == "folder").
+  d.folder = ml_collections.ConfigDict()
+  d.folder.image_name = "image"  # Stem of the image file in each case folder.
+  d.folder.axis = 2  # Slicing axis of 3-D volumes.
+  d.folder.skip_empty_slices = False  # Keep only slices where some rater drew something.
+  d.folder.resize = "crop_or_pad"  # crop_or_pad (no interpolation) | resample (fit, then pad).
+  d.folder.normalize = "robust"  # robust (0.5-99.5 percentiles to [0, 1]) | minmax | none.
+
+  # ---------------------------------------------------------------- model
+  m = c.model = ml_collections.ConfigDict()
+  m.backbone = "resnet34"  # resnet34 (D-Persona's U-Net) | unet (Probabilistic U-Net's).
+  m.feature_channels = 16  # Channels of the full-resolution feature map.
+  m.unet_filters = (32, 64, 128, 192)  # Filters of the plain U-Net backbone.
+  m.latent_dim = 6  # D: dimension of the latent space.
+  m.gaussian_filters = (16, 32, 64, 128, 256)  # Prior/posterior encoder filters.
+  m.convs_per_block = 3  # 3x3 convs per prior/posterior level.
+  m.posterior_input = "one_random"  # one_random (ProSona) | all (D-Persona).
+  m.fcomb_layers = 3  # Hidden 1x1 conv layers of Fcomb.
+  m.pretrained_encoder = ""  # Local torchvision ResNet-34 weights (.safetensors/.pth); "" = scratch.
+
+  # ---------------------------------------------------------------- stage 1
+  s1 = c.stage1 = ml_collections.ConfigDict()
+  s1.epochs = 100  # Training epochs.
+  s1.lr = 1e-4  # Peak learning rate of Adam.
+  s1.schedule = "constant"  # constant (paper) | cosine (D-Persona, per epoch).
+  s1.num_bound_samples = 10  # K prior samples of the bound loss.
+  s1.bound_weight = 0.5  # Weight of L_bound (D-Persona: 0.5).
+  s1.kl_weight = 1.0  # Weight of L_KL.
+  s1.reg_weight = 1e-5  # Weight-norm regularisation of prior, posterior, Fcomb.
+  s1.seg_latent = "posterior"  # Latent decoded for L_seg: posterior (paper) | prior (D-Persona's code).
+  s1.bound_form = "sum"  # sum: Dice(max, union) + Dice(min, inter) (paper) | dpersona.
+  s1.reg_include_biases = True  # D-Persona's regulariser iterates all parameters, biases too.
+  s1.dice_epsilon = 1e-6  # Epsilon of the generalised Dice loss (lower it for huge batches).
+  s1.checkpoint_every = 500  # Save a checkpoint every N steps (and at the end).
+  s1.log_every = 50  # Log losses every N steps.
+  s1.eval_every_epochs = 10  # Validation every N epochs (0: only at the end).
+  s1.max_steps = -1  # Stop after this many steps (-1: epochs decide).
+  s1.checkpoint = ""  # Start Stage 2 from this Stage-1 checkpoint dir instead of training.
+
+  # ---------------------------------------------------------------- stage 2
+  s2 = c.stage2 = ml_collections.ConfigDict()
+  s2.epochs = 100  # Training epochs.
+  s2.lr = 1e-4  # Learning rate of Adam.
+  s2.schedule = "constant"  # constant | cosine.
+  s2.num_samples = 10  # K prior samples forming the prompt latent (D-Persona: 100 train).
+  s2.eval_num_samples = 10  # K at test time (D-Persona: 500).
+  s2.scale_scores = True  # Divide scores by sqrt(D) (ProSona); False is D-Persona's.
+  s2.alpha = 1.0  # Weight of L_text.
+  s2.beta = 1.0  # Weight of L_sim.
+  s2.tau = 0.07  # Temperature of the contrastive losses.
+  s2.projector_hidden = 256  # Hidden width of the two-layer projector MLP.
+  s2.checkpoint_every = 500  # Save every N steps (and at the end).
+  s2.log_every = 50  # Log every N steps.
+  s2.eval_every_epochs = 10  # Validation every N epochs (0: only at the end).
+  s2.max_steps = -1  # Stop after this many steps (-1: epochs decide).
+  s2.grid_alpha = (0.0, 0.5, 1.0)  # Ablation grid values of alpha (paper Fig. 5).
+  s2.grid_beta = (0.0, 0.5, 1.0)  # Ablation grid values of beta.
+
+  # ---------------------------------------------------------------- text encoder
+  t = c.text = ml_collections.ConfigDict()
+  t.kind = "clip"  # clip (FlaxCLIPTextModel) | bert (FlaxBertModel, mean pooled) | tiny_clip | tiny_bert.
+  t.model = "openai/clip-vit-base-patch32"  # Hub id or local folder of the weights.
+  t.max_length = 32  # Token length prompts are padded/truncated to.
+  # Prompt bank: one tuple of phrasings per rater, in rater order.
+  t.prompts = ml_collections.ConfigDict()
+  t.prompts.train = ()  # tuple of tuples: train phrasings per rater.
+  t.prompts.heldout = ()  # tuple of tuples: held-out phrasings per rater (evaluation only).
+
+  # ---------------------------------------------------------------- evaluation
+  e = c.eval = ml_collections.ConfigDict()
+  e.num_samples = 10  # Prior samples per test image in Stage-1 scoring.
+  e.convention = "dpersona"  # dpersona | standard (see METRICS.md).
+  e.num_images_logged = 4  # Images written to TensorBoard and figures.
+  return c

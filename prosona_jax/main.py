@@ -1,0 +1,50 @@
+r"""Entry point: flags only; the work is in `train.py`.
+
+  python -m prosona_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m prosona_jax.main --config=configs/lidc.py:fold=2 --workdir=runs/lidc \
+      --config.data.path=/data/lidc_attributes.pkl --config.stage1.lr=3e-4
+  python -m prosona_jax.main --config=configs/lidc.py --workdir=runs/lidc --dry_run
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/demo.py", "Path to a config file (`path.py[:arg]`).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, logs and eval.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Build the model from the config, print parameter counts, read no data.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None,
+    "Call jax.distributed.initialize() (multi-host). Default: on when PROSONA_DISTRIBUTED=1 "
+    "or on a Cloud TPU VM with several workers.")
+
+
+def _quiet_library_logs() -> None:
+  """Keeps INFO lines of Orbax (dozens per checkpoint) out of the run's log."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  py_logging.getLogger("absl").addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _quiet_library_logs()
+  # Imported here so that `--help` and flag errors do not pay for importing JAX.
+  from prosona_jax import distributed  # pylint: disable=g-import-not-at-top
+  from prosona_jax import train  # pylint: disable=g-import-not-at-top
+
+  distributed.maybe_initialize(_DISTRIBUTED.value)
+  config = _CONFIG.value
+  if _DRY_RUN.value:
+    train.dry_run(config, _WORKDIR.value)
+    return
+  logging.info("Config:\n%s", config)
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

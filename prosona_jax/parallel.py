@@ -1,0 +1,51 @@
+"""Device mesh and data placement: batch sharded over `data`, parameters replicated.
+
+Works the same on one CPU, 8 fake CPU devices, a GPU node or a multi-host TPU slice: each
+process hands in its own part of the global batch and JAX assembles the global array.
+"""
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process, axis name `data`."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """Returns the per-process batch size, or raises if the batch does not divide evenly."""
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if global_batch_size % n_dev:
+    raise ValueError(
+        f"config.data.batch_size={global_batch_size} must be a multiple of the number of "
+        f"devices ({n_dev}) for data-parallel training.")
+  return global_batch_size // n_proc
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+  """Turns this process's numpy batch into global arrays sharded along `data`.
+
+  Non-numeric fields (keys, strings) stay on the host and are dropped here.
+  """
+  sharding = batch_sharded(mesh)
+  out = {}
+  for name, value in batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind in "biuf":
+      out[name] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree of host or device arrays replicated on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))

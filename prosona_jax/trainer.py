@@ -1,0 +1,202 @@
+"""The training loop shared by both stages: resume, steps, logging, checkpoints, preemption.
+
+A stage supplies a compiled `train_step(state, batch) -> (state, metrics)`, a Grain
+iterator and callbacks; this module owns everything around them. Metrics are fetched to
+the host only on logging steps, so the device runs ahead of Python between them.
+"""
+
+import dataclasses
+import signal
+import time
+from typing import Any, Callable
+
+from absl import logging
+from flax import struct
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import optax
+
+from prosona_jax import checkpointing
+from prosona_jax import logger as logger_lib
+from prosona_jax import parallel
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes. `nonfinite_step` is -1 until a loss is NaN or infinite."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  batch_stats: Any
+  nonfinite_step: jax.Array
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, batch_stats=None) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               batch_stats=batch_stats if batch_stats is not None else {},
+               nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def apply_update(state: TrainState, grads, loss: jax.Array, tx: optax.GradientTransformation,
+                 batch_stats=None) -> TrainState:
+  """One optimizer update, skipped when the loss or a gradient is not finite.
+
+  A skipped update leaves the state as it was before the bad step and records that step,
+  so the host can stop with a message naming it while the last good state is intact.
+  """
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  if batch_stats is None:
+    batch_stats = state.batch_stats
+  return state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step,
+                               state.nonfinite_step),
+  )
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+class Preempted(SystemExit):
+  """Raised after the checkpoint of a preempted run is written (exit status 143)."""
+
+  def __init__(self, step: int):
+    super().__init__(143)
+    self.step = step
+
+
+class _SigtermFlag:
+  """Single-process SIGTERM handling. Multi-host runs use JAX's preemption sync point."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary.")
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # Every host reaches the same answer at the same step.
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  name: str  # e.g. "stage1/fold0": used in progress lines and metric names.
+  total_steps: int
+  log_every: int
+  checkpoint_every: int
+  eval_every: int  # 0: validation only at the end.
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
+        ckpt: checkpointing.Checkpointer, writer: logger_lib.MetricWriter, mesh,
+        lr_fn: Callable[[int], float] | None = None,
+        eval_fn: Callable[[TrainState, int], dict] | None = None) -> TrainState:
+  """Runs `train_step` from the state's step to `loop.total_steps`, resuming if possible.
+
+  Args:
+    loop: step counts and cadences.
+    state: a freshly initialised state, placed on the mesh; replaced by the latest
+      checkpoint in `ckpt` if there is one (the iterator is restored with it).
+    train_step: compiled `(state, global_batch) -> (state, metrics)`.
+    iterator: a checkpointable Grain iterator of this process's batches.
+    ckpt: where checkpoints go.
+    writer: metric sink.
+    mesh: the device mesh batches are sharded over.
+    lr_fn: learning rate at a step, for logging.
+    eval_fn: validation `(state, step) -> metrics`, run every `loop.eval_every` steps and
+      at the end.
+
+  Returns:
+    The final state (also checkpointed).
+  """
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, _ = ckpt.restore(latest, state, iterator)
+    logging.info("%s: resumed from the checkpoint of step %d.", loop.name, latest)
+  start = int(jax.device_get(state.step))
+  if start >= loop.total_steps:
+    logging.info("%s: already complete (%d steps).", loop.name, start)
+    return state
+
+  def check_finite(step: int) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      good = ckpt.latest_step()
+      raise NonFiniteLoss(
+          f"{loop.name}: the loss became NaN or infinite at step {bad}; stopping. The last "
+          f"good checkpoint is step {good} in {ckpt.directory} (lower the learning rate or "
+          "check the data).")
+
+  t_start, t_last, step_last = time.time(), time.time(), start
+  with _SigtermFlag() as sigterm:
+    for step in range(start, loop.total_steps):
+      if sigterm.should_stop(step):
+        check_finite(step)
+        ckpt.save(step, state, iterator, {"stage": loop.name})
+        ckpt.wait()
+        logging.warning("%s: preempted at step %d; checkpoint saved. Re-run the same "
+                        "command to resume.", loop.name, step)
+        raise Preempted(step)
+      batch = parallel.to_global(next(iterator), mesh)
+      state, metrics = train_step(state, batch)
+      done = step + 1
+      if done % loop.log_every == 0 or done == loop.total_steps:
+        metrics = jax.device_get(metrics)
+        check_finite(done)
+        now = time.time()
+        rate = (done - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, done
+        eta = (loop.total_steps - done) / max(rate, 1e-9)
+        row = {f"train/{k}": v for k, v in metrics.items()}
+        row["train/steps_per_sec"] = rate
+        if lr_fn is not None:
+          row["train/lr"] = lr_fn(done)
+        writer.scalars(done, row)
+        logging.info("%s step %d/%d  loss %.4f  %.2f steps/s  ETA %s", loop.name, done,
+                     loop.total_steps, float(metrics["loss"]), rate, _fmt_time(eta))
+      if done % loop.checkpoint_every == 0 and done < loop.total_steps:
+        check_finite(done)
+        ckpt.save(done, state, iterator, {"stage": loop.name})
+      if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 \
+          and done < loop.total_steps:
+        writer.scalars(done, {f"val/{k}": v for k, v in eval_fn(state, done).items()})
+  check_finite(loop.total_steps)
+  ckpt.save(loop.total_steps, state, iterator, {"stage": loop.name})
+  ckpt.wait()
+  if eval_fn is not None:
+    writer.scalars(loop.total_steps,
+                   {f"val/{k}": v for k, v in eval_fn(state, loop.total_steps).items()})
+  writer.flush()
+  logging.info("%s: finished %d steps in %s.", loop.name, loop.total_steps - start,
+               _fmt_time(time.time() - t_start))
+  return state
