@@ -1,0 +1,146 @@
+"""Stage 2: prompt-guided personalization on a frozen Stage-1 model.
+
+The frozen parts (backbone, prior, Fcomb and BatchNorm statistics) are one params tree,
+`frozen = {"params": ..., "batch_stats": ...}`, passed into every step as an argument and
+never seen by the optimizer. The only trainable tree is the projector's.
+
+A step splits into a shared forward (backbone features and K prior samples, computed once
+per batch, no gradients) and `cell_loss`, the part that depends on the projector and on
+(alpha, beta). The ablation grid vmaps `cell_loss` over cells on the same shared forward.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from prosona_jax import contrastive
+from prosona_jax import losses
+from prosona_jax import parallel
+from prosona_jax import trainer
+from prosona_jax.models import prob_unet
+from prosona_jax.models import prompt as prompt_lib
+
+
+class Shared(NamedTuple):
+  """What every prompt (and every grid cell) of a batch reuses."""
+  features_BHWF: jax.Array
+  z_BKD: jax.Array
+
+
+def build_projector(config: ml_collections.ConfigDict) -> prompt_lib.Projector:
+  return prompt_lib.Projector(latent_dim=config.model.latent_dim,
+                              hidden=config.stage2.projector_hidden)
+
+
+def init_projector(projector, embed_dim: int, rng: jax.Array):
+  return projector.init(rng, jnp.zeros((1, embed_dim), jnp.float32))
+
+
+def shared_forward(model, frozen, image_BHWC: jax.Array, rng: jax.Array,
+                   num_samples: int) -> Shared:
+  """Backbone features (BatchNorm in eval mode) and K reparameterised prior samples."""
+  frozen = jax.lax.stop_gradient(frozen)
+  feats = model.apply(frozen, image_BHWC, False, method="features")
+  mu_BD, log_sigma_BD = model.apply(frozen, image_BHWC, method="prior_dist")
+  eps_BKD = jax.random.normal(rng, (mu_BD.shape[0], num_samples, mu_BD.shape[1]), mu_BD.dtype)
+  z_BKD = mu_BD[:, None] + jnp.exp(log_sigma_BD)[:, None] * eps_BKD
+  return Shared(feats, z_BKD)
+
+
+def prompt_logits(model, frozen, projector, proj_params, shared: Shared, emb_PE: jax.Array,
+                  *, scale_scores: bool):
+  """Logits (B, P, H, W) of every prompt for every image, with z_proj and the scores."""
+  z_proj_PD = projector.apply(proj_params, emb_PE)
+  z_prompt_BPD, _, scores_BPK = prompt_lib.prompt_latent(
+      z_proj_PD, shared.z_BKD, scale_scores=scale_scores)
+  logits_PBHW = prob_unet.decode_samples(model, frozen["params"], shared.features_BHWF,
+                                         jnp.swapaxes(z_prompt_BPD, 0, 1))
+  return jnp.swapaxes(logits_PBHW, 0, 1), z_proj_PD, scores_BPK
+
+
+def cell_loss(proj_params, alpha, beta, *, model, frozen, projector, shared: Shared,
+              masks_BRHW: jax.Array, emb_PE: jax.Array, rater_P: jax.Array,
+              positive_PP: jax.Array, tau: float, scale_scores: bool, dice_epsilon: float):
+  """L_stage2 = L_seg + alpha L_text + beta L_sim for one projector (one grid cell)."""
+  logits_BPHW, z_proj_PD, scores_BPK = prompt_logits(
+      model, frozen, projector, proj_params, shared, emb_PE, scale_scores=scale_scores)
+  targets_BPHW = jnp.take(masks_BRHW.astype(jnp.float32), rater_P, axis=1)
+  # One Dice loss per prompt, pooled over the batch as in Stage 1; mean over prompts.
+  seg = jnp.mean(jax.vmap(
+      lambda lg, t: losses.dice_loss(lg, t, epsilon=dice_epsilon), in_axes=(1, 1))(
+          logits_BPHW, targets_BPHW))
+  text = contrastive.text_loss(z_proj_PD, positive_PP, tau=tau)
+  sim = contrastive.sim_loss(scores_BPK, positive_PP, tau=tau)
+  loss = seg + alpha * text + beta * sim
+  return loss, {"loss": loss, "seg": seg, "text": text, "sim": sim}
+
+
+def make_optimizer(stage_cfg, steps_per_epoch: int):
+  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
+  return stage1.make_optimizer(stage_cfg, steps_per_epoch)
+
+
+class StepConstants(NamedTuple):
+  """Arrays every Stage-2 step reads: the frozen model and the training prompt bank."""
+  frozen: Any
+  emb_PE: jax.Array
+  rater_P: jax.Array
+  positive_PP: jax.Array
+
+
+def make_train_step(model, projector, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh, base_rng: jax.Array):
+  """Compiled `(state, batch, constants) -> (state, metrics)`, state donated."""
+  s2 = config.stage2
+  kw = dict(model=model, projector=projector, tau=s2.tau, scale_scores=s2.scale_scores,
+            dice_epsilon=config.stage1.dice_epsilon)
+
+  def step(state: trainer.TrainState, batch, const: StepConstants):
+    rng = jax.random.fold_in(base_rng, state.step)
+    shared = shared_forward(model, const.frozen, batch["image"], rng, s2.num_samples)
+    grad_fn = jax.value_and_grad(cell_loss, has_aux=True)
+    (loss, aux), grads = grad_fn(
+        state.params, s2.alpha, s2.beta, frozen=const.frozen, shared=shared,
+        masks_BRHW=batch["masks"], emb_PE=const.emb_PE, rater_P=const.rater_P,
+        positive_PP=const.positive_PP, **kw)
+    return trainer.apply_update(state, grads, loss, tx), aux
+
+  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def make_predictor(model, projector, mesh, *, num_samples: int, scale_scores: bool):
+  """Compiled `(frozen, proj_params, image, emb_PE, rng) -> probs (B, P, H, W)`."""
+  def predict(frozen, proj_params, image, emb_PE, rng):
+    shared = shared_forward(model, frozen, image, rng, num_samples)
+    logits, _, _ = prompt_logits(model, frozen, projector, proj_params, shared, emb_PE,
+                                 scale_scores=scale_scores)
+    return jax.nn.sigmoid(logits)
+
+  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(predict, in_shardings=(repl, repl, data, repl, repl), out_shardings=repl)
+
+
+def predict_batches(predict_fn, frozen, proj_params, batches, emb_PE, mesh, rng):
+  """Runs the predictor over eval batches: labels (N,R,H,W), probs (N,P,H,W), keys."""
+  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
+  labels, preds, keys = [], [], []
+  for i, batch in enumerate(batches):
+    local = parallel.to_global(stage1.local_slice(batch, batch["image"].shape[0]), mesh)
+    probs = np.asarray(predict_fn(frozen, proj_params, local["image"], emb_PE,
+                                  jax.random.fold_in(rng, i)))
+    valid = np.asarray(batch["valid"], bool)
+    labels.append(np.asarray(batch["masks"])[valid])
+    preds.append(probs[valid])
+    keys.extend(k for k, v in zip(batch["key"], valid) if v)
+  return np.concatenate(labels), np.concatenate(preds), keys
+
+
+def frozen_from_state(state: trainer.TrainState) -> dict:
+  """The frozen tree of a Stage-1 state (the posterior is kept: export reads it)."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
