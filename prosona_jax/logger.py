@@ -2,30 +2,65 @@
 
 Only process 0 writes; the other processes get a writer that does nothing, so callers
 need no `if jax.process_index() == 0` of their own.
+
+The log directory may be a URL such as `gs://bucket/run/fold0/stage1/logs` (etils.epath;
+gs:// needs `gcsfs`). Cloud storage cannot append, so then both files are written to a
+local staging directory and copied up whole on `flush()`, `close()` and at most once a
+minute while logging; a resumed run first fetches the existing `metrics.jsonl`.
 """
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping
 
+from etils import epath
 import jax
 import numpy as np
+
+
+def quiet_library_logs() -> None:
+  """Keeps INFO lines of Orbax (dozens per checkpoint) out of the run's log."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  py_logging.getLogger("absl").addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
 
 
 class MetricWriter:
   """Writes scalars and images to `<logdir>` (TensorBoard) and `<logdir>/metrics.jsonl`."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, *, sync_every_s: float = 60.0):
     self.logdir = logdir
     self._active = jax.process_index() == 0
+    self._remote = "://" in logdir
+    self._sync_every_s = sync_every_s
+    self._last_sync = time.time()
     self._tb = None
     self._jsonl = None
     if self._active:
-      os.makedirs(logdir, exist_ok=True)
+      self._local = tempfile.mkdtemp(prefix="prosona_logs_") if self._remote else logdir
+      os.makedirs(self._local, exist_ok=True)
+      if self._remote and (epath.Path(logdir) / "metrics.jsonl").exists():
+        with open(os.path.join(self._local, "metrics.jsonl"), "wb") as f:
+          f.write((epath.Path(logdir) / "metrics.jsonl").read_bytes())
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir)
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(self._local)
+      self._jsonl = open(os.path.join(self._local, "metrics.jsonl"), "a")
+
+  def _sync(self, force: bool = False) -> None:
+    """Copies the staged files to a remote `logdir` (whole files: no appends there)."""
+    if not self._remote or (not force and time.time() - self._last_sync < self._sync_every_s):
+      return
+    self._tb.flush()
+    self._jsonl.flush()
+    remote = epath.Path(self.logdir)
+    remote.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._local):
+      with open(os.path.join(self._local, name), "rb") as f:
+        (remote / name).write_bytes(f.read())
+    self._last_sync = time.time()
 
   def scalars(self, step: int, values: Mapping[str, Any]) -> None:
     if not self._active:
@@ -37,6 +72,7 @@ class MetricWriter:
       self._tb.add_scalar(name, value, int(step))
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
+    self._sync()
 
   def images(self, step: int, name: str, images_NHWC: np.ndarray) -> None:
     """Writes a batch of images in [0, 1], (N, H, W, C) with C in {1, 3}."""
@@ -49,9 +85,13 @@ class MetricWriter:
     if self._active:
       self._tb.flush()
       self._jsonl.flush()
+      self._sync(force=True)
 
   def close(self) -> None:
     if self._active:
+      self._sync(force=True)
       self._tb.close()
       self._jsonl.close()
+      if self._remote:
+        shutil.rmtree(self._local, ignore_errors=True)
       self._active = False

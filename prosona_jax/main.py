@@ -22,17 +22,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "or on a Cloud TPU VM with several workers.")
 
 
-def _quiet_library_logs() -> None:
-  """Keeps INFO lines of Orbax (dozens per checkpoint) out of the run's log."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
-  py_logging.getLogger("absl").addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _quiet_library_logs()
+  from prosona_jax import logger  # pylint: disable=g-import-not-at-top
+  logger.quiet_library_logs()
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
   from prosona_jax import distributed  # pylint: disable=g-import-not-at-top
   from prosona_jax import train  # pylint: disable=g-import-not-at-top

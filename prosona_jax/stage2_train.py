@@ -100,86 +100,113 @@ def score_prompts(labels, probs_NPHW, bank, convention: str) -> dict:
   return result
 
 
-def run_stage2(config, workdir: str, fold: int, source, split, mesh, stage1_result=None):
-  """Trains the projector for one fold on a frozen Stage-1 model and scores the test fold."""
-  name = f"stage2/fold{fold}"
-  stage_dir = os.path.join(workdir, f"fold{fold}", "stage2")
-  if stage1_result is None:
-    model, s1_state = load_stage1(config, stage1_checkpoint_dir(config, workdir, fold), mesh)
-  else:
-    model, s1_state = stage1_result
-  frozen = stage2.frozen_from_state(s1_state)
-  bank = embedded_bank(config, stage_dir)
-  train_bank = bank.train_view()
-  const = parallel.replicate(stage2.StepConstants(
-      frozen=frozen, emb_PE=jnp.asarray(train_bank.embeddings, jnp.float32),
-      rater_P=jnp.asarray(train_bank.rater, jnp.int32),
-      positive_PP=jnp.asarray(train_bank.positive_mask(), jnp.float32)), mesh)
+class Context:
+  """Everything a Stage-2 run of one fold shares between a single cell and the grid."""
 
-  local_bs = parallel.check_batch_size(config.data.batch_size, mesh)
-  spe = pipeline.steps_per_epoch(len(split.train), local_bs, jax.process_count())
-  total = stage1.total_steps(config.stage2, spe)
-  tx, lr_fn = stage2.make_optimizer(config.stage2, spe)
-  init_rng, step_rng, eval_rng = jax.random.split(
-      jax.random.fold_in(jax.random.key(config.seed + 2), fold), 3)
-  projector = stage2.build_projector(config)
-  proj_params = stage2.init_projector(projector, bank.embeddings.shape[1], init_rng)
-  state = parallel.replicate(trainer.TrainState.create(proj_params, tx), mesh)
-  iterator = iter(pipeline.train_loader(
-      source, split.train, batch_size=local_bs, seed=config.data.shuffle_seed + 1000 * fold + 1,
-      augment_flip=config.data.augment_flip, augment_rotate=config.data.augment_rotate,
-      worker_count=config.data.worker_count))
-  ckpt = checkpointing.Checkpointer(os.path.join(stage_dir, "checkpoints"))
-  writer = logger_lib.MetricWriter(os.path.join(stage_dir, "logs"))
-  step_fn = stage2.make_train_step(model, projector, tx, config, mesh, step_rng)
-  predict_fn = stage2.make_predictor(model, projector, mesh,
-                                     num_samples=config.stage2.eval_num_samples,
-                                     scale_scores=config.stage2.scale_scores)
-  ebs = stage1.round_up(config.data.eval_batch_size, mesh.devices.size)
-  emb_all = parallel.replicate(jnp.asarray(bank.embeddings, jnp.float32), mesh)
+  def __init__(self, config, workdir: str, fold: int, source, split, mesh, stage1_result=None,
+               stage_dir: str | None = None):
+    self.config, self.fold, self.source, self.split, self.mesh = config, fold, source, split, mesh
+    self.stage_dir = stage_dir or os.path.join(workdir, f"fold{fold}", "stage2")
+    if stage1_result is None:
+      self.model, s1_state = load_stage1(config, stage1_checkpoint_dir(config, workdir, fold),
+                                         mesh)
+    else:
+      self.model, s1_state = stage1_result
+    self.frozen = stage2.frozen_from_state(s1_state)
+    self.bank = embedded_bank(config, self.stage_dir)
+    train_bank = self.bank.train_view()
+    self.num_train_prompts = len(train_bank)
+    self.const = parallel.replicate(stage2.StepConstants(
+        frozen=self.frozen, emb_PE=jnp.asarray(train_bank.embeddings, jnp.float32),
+        rater_P=jnp.asarray(train_bank.rater, jnp.int32),
+        positive_PP=jnp.asarray(train_bank.positive_mask(), jnp.float32)), mesh)
+    self.local_bs = parallel.check_batch_size(config.data.batch_size, mesh)
+    self.steps_per_epoch = pipeline.steps_per_epoch(len(split.train), self.local_bs,
+                                                    jax.process_count())
+    self.total_steps = stage1.total_steps(config.stage2, self.steps_per_epoch)
+    self.tx, self.lr_fn = stage2.make_optimizer(config.stage2, self.steps_per_epoch)
+    # The same keys for a single run and for every grid cell: cells then differ only in
+    # (alpha, beta), and a grid cell reproduces the run of that cell alone.
+    self.init_rng, self.step_rng, self.eval_rng = jax.random.split(
+        jax.random.fold_in(jax.random.key(config.seed + 2), fold), 3)
+    self.projector = stage2.build_projector(config)
+    self.predict_fn = stage2.make_predictor(self.model, self.projector, mesh,
+                                            num_samples=config.stage2.eval_num_samples,
+                                            scale_scores=config.stage2.scale_scores)
+    self.eval_batch_size = stage1.round_up(config.data.eval_batch_size, mesh.devices.size)
+    self.emb_all = parallel.replicate(jnp.asarray(self.bank.embeddings, jnp.float32), mesh)
 
-  def predict(st, indices, rng):
-    return stage2.predict_batches(predict_fn, frozen, st.params,
-                                  pipeline.eval_batches(source, indices, batch_size=ebs),
-                                  emb_all, mesh, rng)
+  def init_projector(self):
+    return stage2.init_projector(self.projector, self.bank.embeddings.shape[1], self.init_rng)
 
-  def validate(st, step):
-    del step
-    if len(split.val) == 0:
+  def iterator(self):
+    c = self.config
+    return iter(pipeline.train_loader(
+        self.source, self.split.train, batch_size=self.local_bs,
+        seed=c.data.shuffle_seed + 1000 * self.fold + 1, augment_flip=c.data.augment_flip,
+        augment_rotate=c.data.augment_rotate, worker_count=c.data.worker_count))
+
+  def predict(self, proj_params, indices, rng):
+    """Labels (N,R,H,W), probabilities of every bank prompt (N,P,H,W), keys."""
+    batches = pipeline.eval_batches(self.source, indices, batch_size=self.eval_batch_size)
+    return stage2.predict_batches(self.predict_fn, self.frozen, proj_params, batches,
+                                  self.emb_all, self.mesh, rng)
+
+  def validate(self, proj_params) -> dict:
+    if len(self.split.val) == 0:
       return {}
-    labels, probs, _ = predict(st, split.val, eval_rng)
-    res = score_prompts(labels, probs, bank, config.eval.convention)["mean"]
+    labels, probs, _ = self.predict(proj_params, self.split.val, self.eval_rng)
+    res = score_prompts(labels, probs, self.bank, self.config.eval.convention)["mean"]
     out = {k: res[k] for k in SUMMARY_KEYS}
     out["dice_each_direct_mean"] = float(np.mean(res["dice_each_direct"]))
     return out
 
-  loop = trainer.LoopConfig(
-      name=name, total_steps=total, log_every=min(config.stage2.log_every, total),
-      checkpoint_every=config.stage2.checkpoint_every,
-      eval_every=config.stage2.eval_every_epochs * spe)
-  logging.info("%s: %d training prompts for %d raters, %d steps.", name, len(train_bank),
-               bank.num_raters, total)
-  state = trainer.fit(loop, state=state, train_step=lambda s, b: step_fn(s, b, const),
-                      iterator=iterator, ckpt=ckpt, writer=writer, mesh=mesh, lr_fn=lr_fn,
-                      eval_fn=validate)
+  def test(self, proj_params):
+    """Scores the test fold: (result dict, labels, probs, keys)."""
+    labels, probs, keys = self.predict(proj_params, self.split.test,
+                                       jax.random.fold_in(self.eval_rng, 1))
+    result = score_prompts(labels, probs, self.bank, self.config.eval.convention)
+    result.update(stage="stage2", fold=self.fold,
+                  num_samples=int(self.config.stage2.eval_num_samples), keys=keys)
+    return result, labels, probs, keys
+
+  def loop_config(self, name: str) -> trainer.LoopConfig:
+    s2 = self.config.stage2
+    return trainer.LoopConfig(
+        name=name, total_steps=self.total_steps, log_every=min(s2.log_every, self.total_steps),
+        checkpoint_every=s2.checkpoint_every, eval_every=s2.eval_every_epochs * self.steps_per_epoch)
+
+
+def run_stage2(config, workdir: str, fold: int, source, split, mesh, stage1_result=None):
+  """Trains the projector for one fold on a frozen Stage-1 model and scores the test fold."""
+  name = f"stage2/fold{fold}"
+  ctx = Context(config, workdir, fold, source, split, mesh, stage1_result)
+  state = parallel.replicate(trainer.TrainState.create(ctx.init_projector(), ctx.tx), mesh)
+  ckpt = checkpointing.Checkpointer(os.path.join(ctx.stage_dir, "checkpoints"))
+  writer = logger_lib.MetricWriter(os.path.join(ctx.stage_dir, "logs"))
+  step_fn = stage2.make_train_step(ctx.model, ctx.projector, ctx.tx, config, mesh, ctx.step_rng)
+  logging.info("%s: %d training prompts for %d raters, %d steps.", name, ctx.num_train_prompts,
+               ctx.bank.num_raters, ctx.total_steps)
+  state = trainer.fit(ctx.loop_config(name), state=state,
+                      train_step=lambda s, b: step_fn(s, b, ctx.const), iterator=ctx.iterator(),
+                      ckpt=ckpt, writer=writer, mesh=mesh, lr_fn=ctx.lr_fn,
+                      eval_fn=lambda st, step: ctx.validate(st.params))
   ckpt.close()
 
-  labels, probs, keys = predict(state, split.test, jax.random.fold_in(eval_rng, 1))
-  result = score_prompts(labels, probs, bank, config.eval.convention)
-  result.update(stage="stage2", fold=fold, num_samples=int(config.stage2.eval_num_samples),
-                alpha=float(config.stage2.alpha), beta=float(config.stage2.beta), keys=keys)
+  result, labels, probs, keys = ctx.test(state.params)
+  result.update(alpha=float(config.stage2.alpha), beta=float(config.stage2.beta))
   eval_dir = os.path.join(workdir, "eval")
   from prosona_jax import train  # pylint: disable=g-import-not-at-top
   train.write_json(os.path.join(eval_dir, f"stage2_fold{fold}.json"), result)
-  write_figures(config, eval_dir, fold, source, split, labels, probs, keys, bank,
-                  predict_fn, frozen, state.params, mesh, eval_rng)
+  write_figures(config, eval_dir, fold, source, split, labels, probs, keys, ctx.bank,
+                ctx.predict_fn, ctx.frozen, state.params, mesh, ctx.eval_rng)
   writer.close()
   m = result["mean"]
   logging.info("%s test: %s  direct Dice per rater %s  mean area per prompt %s", name,
                "  ".join(f"{k} {m[k]:.4f}" for k in SUMMARY_KEYS),
                np.round(m["dice_each_direct"], 3).tolist(),
                np.round(m["prompt_mean_area"], 1).tolist())
-  return projector, state, bank
+  return ctx.projector, state, ctx.bank
 
 
 def write_figures(config, eval_dir, fold, source, split, labels, probs, keys, bank,

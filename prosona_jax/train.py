@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -54,21 +55,23 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print("\n".join(lines))
   summary = {k: int(counts[k]) for k in ("backbone", "prior", "posterior", "fcomb", "total")}
   summary.update({k: int(v) for k, v in counts.items() if k not in summary})
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "model_summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+  write_text(os.path.join(workdir, "model_summary.json"), json.dumps(summary, indent=2))
   return summary
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_text(path: str, text: str) -> None:
+  """Writes a file from process 0 only (via a temporary name); local or gs:// paths."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=1))
 
 
 def eval_batch_size(config, mesh) -> int:
@@ -140,14 +143,13 @@ def run_stage1(config, workdir: str, fold: int, source, split, mesh):
 
 def write_summary(workdir: str) -> str:
   """Tabulates every `eval/stage*_fold*.json` in the work directory (mean, std over folds)."""
-  eval_dir = os.path.join(workdir, "eval")
+  eval_dir = epath.Path(workdir) / "eval"
   rows = []
   for stage in ("stage1", "stage2"):
     results = []
-    for fname in sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []:
-      if fname.startswith(stage + "_fold") and fname.endswith(".json"):
-        with open(os.path.join(eval_dir, fname)) as f:
-          results.append(json.load(f))
+    for path in sorted(eval_dir.iterdir()) if eval_dir.is_dir() else []:
+      if path.name.startswith(stage + "_fold") and path.name.endswith(".json"):
+        results.append(json.loads(path.read_text()))
     if not results:
       continue
     conv = results[0]["convention"]
@@ -163,14 +165,19 @@ def write_summary(workdir: str) -> str:
             "Dice Match |\n|---|---|---|---|---|---|---|---|")
   text = ("# Results\n\nMean ± std (ddof 0) over the folds run; Dice in %.\n\n" + header + "\n"
           + "\n".join(rows) + "\n")
-  if jax.process_index() == 0 and rows:
-    with open(os.path.join(eval_dir, "summary.md"), "w") as f:
-      f.write(text)
+  if rows:
+    write_text(os.fspath(eval_dir / "summary.md"), text)
   return text
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs the configured stages on every requested fold, then writes the summary table."""
+  unknown = [s for s in config.stages if s not in ("stage1", "stage2")]
+  if unknown or not config.stages:
+    raise ValueError(f"config.stages={tuple(config.stages)!r}: expected stage1 and/or stage2, "
+                     "e.g. --config.stages=stage2")
+  # `export` and `predict` rebuild the model from it.
+  write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
   source = sources.source_from_config(config.data)
   logging.info("Data: %s", source.describe())
   mesh = parallel.make_mesh()
@@ -185,4 +192,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     if "stage2" in config.stages:
       from prosona_jax import stage2_train  # pylint: disable=g-import-not-at-top
       stage2_train.run_stage2(config, workdir, fold, source, split, mesh, stage1_result)
-  print(write_summary(workdir))
+  summary = write_summary(workdir)
+  if jax.process_index() == 0:
+    print(summary)

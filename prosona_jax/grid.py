@@ -1,0 +1,226 @@
+r"""The (alpha, beta) ablation grid of the paper's Fig. 5.
+
+In one program (default): every cell's projector trains together, vmapped over a cell
+axis, on one shared Stage-1 model and one shared stream of batches, so the frozen backbone
+and the prior run once per batch for all cells. Cells stay independent: each sees the
+batches, prior samples and initialisation it would see alone, so a cell equals the run of
+that cell by itself.
+
+  python -m prosona_jax.grid --config=configs/lidc.py:fold=-1 --workdir=runs/grid
+
+As separate jobs (a cluster): print one command per cell, run them anywhere (they share
+the Stage-1 checkpoints of WORKDIR), then merge:
+
+  python -m prosona_jax.grid --config=configs/lidc.py --workdir=runs/grid --mode=commands
+  python -m prosona_jax.grid --config=configs/lidc.py --workdir=runs/grid --mode=merge
+
+Both write WORKDIR/grid.json (per cell and fold: every metric), WORKDIR/grid.md and the GED
+heatmap WORKDIR/grid_ged.png. An interrupted grid resumes from its checkpoints.
+"""
+
+import json
+import os
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prosona_jax import checkpointing
+from prosona_jax import figures
+from prosona_jax import logger as logger_lib
+from prosona_jax import parallel
+from prosona_jax import stage2
+from prosona_jax import stage2_train
+from prosona_jax import train
+from prosona_jax import trainer
+from prosona_jax.data import sources
+from prosona_jax.data import splits
+
+MODES = ("program", "commands", "merge")
+
+
+def cells_of(config) -> list[tuple[float, float]]:
+  return [(float(a), float(b)) for a in config.stage2.grid_alpha for b in config.stage2.grid_beta]
+
+
+def cell_dir(workdir: str, alpha: float, beta: float) -> str:
+  return os.path.join(workdir, "cells", f"alpha{alpha:g}_beta{beta:g}")
+
+
+def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
+  """Compiled step training every cell at once on one shared forward pass."""
+  s2, tx = ctx.config.stage2, ctx.tx
+  kw = dict(model=ctx.model, projector=ctx.projector, tau=s2.tau, scale_scores=s2.scale_scores,
+            dice_epsilon=ctx.config.stage1.dice_epsilon)
+  alphas_C = jnp.asarray(alphas_C, jnp.float32)
+  betas_C = jnp.asarray(betas_C, jnp.float32)
+
+  def one_cell(params, opt_state, alpha, beta, shared, masks, const):
+    (loss, aux), grads = jax.value_and_grad(stage2.cell_loss, has_aux=True)(
+        params, alpha, beta, frozen=const.frozen, shared=shared, masks_BRHW=masks,
+        emb_PE=const.emb_PE, rater_P=const.rater_P, positive_PP=const.positive_PP, **kw)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return keep(new_params, params), keep(new_opt, opt_state), finite, aux
+
+  def step(state: trainer.TrainState, batch, const: stage2.StepConstants):
+    rng = jax.random.fold_in(ctx.step_rng, state.step)
+    shared = stage2.shared_forward(ctx.model, const.frozen, batch["image"], rng, s2.num_samples)
+    params, opt_state, finite_C, aux = jax.vmap(
+        one_cell, in_axes=(0, 0, 0, 0, None, None, None))(
+            state.params, state.opt_state, alphas_C, betas_C, shared, batch["masks"], const)
+    bad = ~jnp.all(finite_C) & (state.nonfinite_step < 0)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              nonfinite_step=jnp.where(bad, state.step, state.nonfinite_step))
+    metrics = {f"{k}/cell{c}": v[c] for k, v in aux.items() for c in range(len(alphas_C))}
+    metrics["loss"] = aux["loss"].mean()
+    return new_state, metrics
+
+  repl, data = parallel.replicated(ctx.mesh), parallel.batch_sharded(ctx.mesh)
+  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def init_grid_state(ctx: stage2_train.Context, num_cells: int) -> trainer.TrainState:
+  """Every cell starts from the projector a single run would start from."""
+  params = ctx.init_projector()
+  stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_cells,) + x.shape), t)
+  state = trainer.TrainState.create(stack(params), ctx.tx)
+  state = state.replace(opt_state=jax.vmap(ctx.tx.init)(state.params))
+  return parallel.replicate(state, ctx.mesh)
+
+
+def cell_params(state: trainer.TrainState, c: int):
+  return jax.tree.map(lambda x: x[c], state.params)
+
+
+def run_program(config, workdir: str) -> list[dict]:
+  """Trains and scores every cell of every requested fold in one program."""
+  cells = cells_of(config)
+  source = sources.source_from_config(config.data)
+  mesh = parallel.make_mesh()
+  rows = []
+  for fold in train.folds_to_run(config.data):
+    split = splits.make_split(
+        source.patient_ids, fold=fold, num_folds=config.data.num_folds,
+        seed=config.data.split_seed, level=config.data.split_level,
+        val_fraction=config.data.val_fraction)
+    stage1_result = None
+    s1_dir = stage2_train.stage1_checkpoint_dir(config, workdir, fold)
+    if not os.path.isdir(s1_dir):
+      logging.info("No Stage-1 checkpoint for fold %d: training Stage 1 first.", fold)
+      stage1_result = train.run_stage1(config, workdir, fold, source, split, mesh)
+    grid_dir = os.path.join(workdir, f"fold{fold}", "grid")
+    ctx = stage2_train.Context(config, workdir, fold, source, split, mesh, stage1_result,
+                               stage_dir=grid_dir)
+    step_fn = make_grid_step(ctx, [a for a, _ in cells], [b for _, b in cells])
+    ckpt = checkpointing.Checkpointer(os.path.join(grid_dir, "checkpoints"))
+    writer = logger_lib.MetricWriter(os.path.join(grid_dir, "logs"))
+    logging.info("grid/fold%d: %d cells x %d steps, one shared forward per batch.", fold,
+                 len(cells), ctx.total_steps)
+    state = trainer.fit(ctx.loop_config(f"grid/fold{fold}"), state=init_grid_state(ctx, len(cells)),
+                        train_step=lambda s, b: step_fn(s, b, ctx.const), iterator=ctx.iterator(),
+                        ckpt=ckpt, writer=writer, mesh=mesh, lr_fn=ctx.lr_fn)
+    ckpt.close()
+    writer.close()
+    for c, (alpha, beta) in enumerate(cells):
+      result, *_ = ctx.test(cell_params(state, c))
+      result.update(alpha=alpha, beta=beta)
+      rows.append(result)
+  return rows
+
+
+def commands(config_arg: str, workdir: str, config) -> list[str]:
+  """One shell command per cell for a cluster; each resumes by itself if interrupted."""
+  out = []
+  for alpha, beta in cells_of(config):
+    out.append(" ".join([
+        "python -m prosona_jax.main", f"--config={shlex.quote(config_arg)}",
+        f"--workdir={shlex.quote(cell_dir(workdir, alpha, beta))}",
+        f"--config.stage2.alpha={alpha:g}", f"--config.stage2.beta={beta:g}",
+        "--config.stages=stage2",
+        "--config.stage1.checkpoint=" + shlex.quote(
+            os.path.join(os.path.abspath(workdir), "fold{fold}", "stage1", "checkpoints"))]))
+  return out
+
+
+def collect_cells(config, workdir: str) -> list[dict]:
+  """Reads the eval JSON every separately run cell wrote."""
+  rows = []
+  for alpha, beta in cells_of(config):
+    eval_dir = os.path.join(cell_dir(workdir, alpha, beta), "eval")
+    found = sorted(f for f in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
+                   if f.startswith("stage2_fold") and f.endswith(".json"))
+    if not found:
+      raise FileNotFoundError(f"grid cell alpha={alpha:g} beta={beta:g}: no results in "
+                              f"{eval_dir}; run its command (--mode=commands) first.")
+    for fname in found:
+      with open(os.path.join(eval_dir, fname)) as f:
+        rows.append(json.load(f))
+  return rows
+
+
+def write_grid(config, workdir: str, rows: list[dict]) -> dict:
+  """grid.json (every metric per cell and fold), grid.md and the GED heatmap."""
+  alphas = [float(a) for a in config.stage2.grid_alpha]
+  betas = [float(b) for b in config.stage2.grid_beta]
+  cells = []
+  ged = np.full((len(alphas), len(betas)), np.nan)
+  lines = ["| alpha | beta | folds | GED | Dice Soft | Dice Match | direct Dice (mean) |",
+           "|---|---|---|---|---|---|---|"]
+  for i, a in enumerate(alphas):
+    for j, b in enumerate(betas):
+      mine = [r for r in rows if r["alpha"] == a and r["beta"] == b]
+      folds = {int(r["fold"]): r["mean"] for r in mine}
+      cells.append({"alpha": a, "beta": b, "folds": folds})
+      if not mine:
+        continue
+      mean = lambda k: float(np.mean([np.mean(m[k]) for m in folds.values()]))
+      ged[i, j] = mean("ged")
+      lines.append(f"| {a:g} | {b:g} | {','.join(map(str, sorted(folds)))} | {mean('ged'):.4f} | "
+                   f"{100 * mean('dice_soft'):.2f} | {100 * mean('dice_match'):.2f} | "
+                   f"{100 * mean('dice_each_direct'):.2f} |")
+  out = {"convention": rows[0]["convention"] if rows else config.eval.convention,
+         "alphas": alphas, "betas": betas, "cells": cells}
+  if jax.process_index() == 0:
+    train.write_json(os.path.join(workdir, "grid.json"), out)
+    with open(os.path.join(workdir, "grid.md"), "w") as f:
+      f.write("# (alpha, beta) grid\n\nMean over folds; Dice in %.\n\n" + "\n".join(lines) + "\n")
+    figures.heatmap(ged, alphas, betas, os.path.join(workdir, "grid_ged.png"),
+                    title=f"GED ({out['convention']}) over (alpha, beta)")
+  print("\n".join(lines))
+  return out
+
+
+def main(argv):
+  del argv
+  logger_lib.quiet_library_logs()
+  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  if mode == "program":
+    write_grid(config, workdir, run_program(config, workdir))
+  elif mode == "commands":
+    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                      "configs/lidc.py")
+    print("\n".join(commands(config_arg, workdir, config)))
+  else:
+    write_grid(config, workdir, collect_cells(config, workdir))
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", "runs/grid", "Grid work directory.")
+  _MODE = flags.DEFINE_enum("mode", "program", MODES,
+                            "program: all cells in one vmapped program; commands: print one "
+                            "command per cell; merge: collect separately run cells.")
+  app.run(main)

@@ -1,0 +1,101 @@
+"""The (alpha, beta) grid: cells trained together equal cells trained alone."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from prosona_jax import checkpointing
+from prosona_jax import grid
+from prosona_jax import parallel
+from prosona_jax import stage2_train
+from prosona_jax import train
+from prosona_jax.data import sources
+from prosona_jax.data import splits
+
+
+def _config():
+  c = tiny.get_config()
+  c.stage1.max_steps = 4
+  c.stage2.max_steps = 6
+  c.stage2.eval_every_epochs = 0
+  c.stage2.grid_alpha = (0.0, 1.0)
+  c.stage2.grid_beta = (0.5,)
+  return c
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  config = _config()
+  workdir = str(tmp_path_factory.mktemp("grid"))
+  source = sources.source_from_config(config.data)
+  split = splits.make_split(source.patient_ids, fold=0, num_folds=config.data.num_folds,
+                            seed=config.data.split_seed, val_fraction=config.data.val_fraction)
+  mesh = parallel.make_mesh()
+  train.run_stage1(config, workdir, 0, source, split, mesh)
+  rows = grid.run_program(config, workdir)
+  out = grid.write_grid(config, workdir, rows)
+  return config, workdir, source, split, mesh, rows, out
+
+
+def _restore_params(directory, target):
+  ckpt = checkpointing.Checkpointer(directory)
+  state, _ = ckpt.restore_latest_state(target)
+  ckpt.close()
+  return state.params
+
+
+def test_grid_outputs(setup):
+  config, workdir, *_, rows, out = setup
+  assert len(rows) == 2
+  with open(os.path.join(workdir, "grid.json")) as f:
+    saved = json.load(f)
+  assert saved["alphas"] == [0.0, 1.0] and saved["betas"] == [0.5]
+  assert len(saved["cells"]) == 2
+  for cell in saved["cells"]:
+    metrics = cell["folds"]["0"]
+    assert set(["ged", "dice_soft", "dice_match", "dice_each_direct",
+                "prompt_rater_dice"]).issubset(metrics)
+  assert os.path.getsize(os.path.join(workdir, "grid_ged.png")) > 1000
+  assert out["cells"][1]["alpha"] == 1.0
+
+
+def test_cell_equals_single_run(setup):
+  config, workdir, source, split, mesh, rows, _ = setup
+  # Train cell (alpha=1, beta=0.5) alone, on the same Stage-1 checkpoint.
+  single = config.copy_and_resolve_references()
+  single.stage2.alpha, single.stage2.beta = 1.0, 0.5
+  alone_dir = os.path.join(workdir, "alone")
+  single.stage1.checkpoint = os.path.join(workdir, "fold{fold}", "stage1", "checkpoints")
+  _, alone_state, _ = stage2_train.run_stage2(single, alone_dir, 0, source, split, mesh)
+
+  ctx = stage2_train.Context(config, workdir, 0, source, split, mesh,
+                             stage_dir=os.path.join(workdir, "fold0", "grid"))
+  target = grid.init_grid_state(ctx, 2)
+  grid_params = _restore_params(os.path.join(workdir, "fold0", "grid", "checkpoints"), target)
+  cell = jax.tree.map(lambda x: np.asarray(x[1]), grid_params)
+  other = jax.tree.map(lambda x: np.asarray(x[0]), grid_params)
+  alone = jax.tree.map(np.asarray, alone_state.params)
+  for a, b in zip(jax.tree.leaves(cell), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The other cell (alpha=0) really trained differently: the cells are not one copy.
+  diff = max(float(np.abs(a - b).max())
+             for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(alone)))
+  assert diff > 1e-6
+  with open(os.path.join(alone_dir, "eval", "stage2_fold0.json")) as f:
+    alone_eval = json.load(f)
+  grid_row = [r for r in rows if r["alpha"] == 1.0][0]
+  np.testing.assert_allclose(grid_row["mean"]["ged"], alone_eval["mean"]["ged"], atol=1e-5)
+
+
+def test_commands_and_merge(setup):
+  config, workdir, *_ = setup
+  cmds = grid.commands("configs/tiny.py", workdir, config)
+  assert len(cmds) == 2
+  assert "--config.stage2.alpha=1" in cmds[1] and "--config.stages=stage2 " in cmds[1]
+  # Without the cells' results, merging says which cell is missing.
+  with pytest.raises(FileNotFoundError, match="alpha=0 beta=0.5"):
+    grid.collect_cells(config, workdir)
