@@ -80,7 +80,7 @@ def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
             state.params, state.opt_state, alphas_C, betas_C, shared, batch["masks"], const)
     bad = ~jnp.all(finite_C) & (state.nonfinite_step < 0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              nonfinite_step=jnp.where(bad, state.step, state.nonfinite_step))
+                              nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step))
     metrics = {f"{k}/cell{c}": v[c] for k, v in aux.items() for c in range(len(alphas_C))}
     metrics["loss"] = aux["loss"].mean()
     return new_state, metrics

@@ -6,6 +6,7 @@ the host only on logging steps, so the device runs ahead of Python between them.
 """
 
 import dataclasses
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -23,7 +24,12 @@ from prosona_jax import parallel
 
 
 class TrainState(struct.PyTreeNode):
-  """Everything a step changes. `nonfinite_step` is -1 until a loss is NaN or infinite."""
+  """Everything a step changes.
+
+  `nonfinite_step` is -1 until a loss or gradient is NaN or infinite, then the number of
+  the first bad step, counted from 1 like log lines and checkpoints (step N is the N-th
+  update; checkpoint N holds the state after it).
+  """
   step: jax.Array
   params: Any
   opt_state: Any
@@ -56,7 +62,7 @@ def apply_update(state: TrainState, grads, loss: jax.Array, tx: optax.GradientTr
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       batch_stats=keep(batch_stats, state.batch_stats),
-      nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step,
+      nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step + 1,
                                state.nonfinite_step),
   )
 
@@ -99,6 +105,18 @@ class _SigtermFlag:
       # Every host reaches the same answer at the same step.
       return multihost_utils.reached_preemption_sync_point(step)
     return self.received
+
+
+# Fault injection for tests (tests/test_train.py): after step N (counted from 1) the
+# process sends itself SIGKILL (a crash: no clean-up, an asynchronous save of step N may be
+# half written) or SIGTERM (a preemption). Unset in normal runs.
+_FAULT_ENV = {"PROSONA_FAULT_SIGKILL_AT_STEP": signal.SIGKILL,
+              "PROSONA_FAULT_SIGTERM_AT_STEP": signal.SIGTERM}
+
+
+def _faults_from_env() -> dict[int, signal.Signals]:
+  return {int(os.environ[name]): sig for name, sig in _FAULT_ENV.items()
+          if os.environ.get(name)}
 
 
 @dataclasses.dataclass
@@ -151,12 +169,15 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
   def check_finite(step: int) -> None:
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
+      ckpt.wait()  # An earlier save may still be in flight: finish it before dying.
       good = ckpt.latest_step()
+      kept = (f"The last good checkpoint is step {good} in {ckpt.directory}" if good is not None
+              else f"No checkpoint was written to {ckpt.directory} before it")
       raise NonFiniteLoss(
-          f"{loop.name}: the loss became NaN or infinite at step {bad}; stopping. The last "
-          f"good checkpoint is step {good} in {ckpt.directory} (lower the learning rate or "
-          "check the data).")
+          f"{loop.name}: the loss became NaN or infinite at step {bad}; stopping. {kept} "
+          "(lower the learning rate or check the data).")
 
+  faults = _faults_from_env()
   t_start, t_last, step_last = time.time(), time.time(), start
   with _SigtermFlag() as sigterm:
     for step in range(start, loop.total_steps):
@@ -190,6 +211,8 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
       if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 \
           and done < loop.total_steps:
         writer.scalars(done, {f"val/{k}": v for k, v in eval_fn(state, done).items()})
+      if done in faults:
+        os.kill(os.getpid(), faults[done])
   check_finite(loop.total_steps)
   ckpt.save(loop.total_steps, state, iterator, {"stage": loop.name})
   ckpt.wait()
