@@ -1,0 +1,233 @@
+"""Inference functions of a trained model, shared by `export`, `predict` and `convert`.
+
+Every function here takes the model's tensors as one flat dict `{name: array}`, the names
+being `/`-joined paths: `params/...` and `batch_stats/...` (Stage 1), `projector/params/...`
+(Stage 2). That dict is exactly what `params.safetensors` of an export holds, so the
+serialized functions take the file's contents as they are. The three functions:
+
+- `prompt_probs(weights, images, embeddings, keys)`: (b, H, W, C), (p, E), (b, 2) uint32
+  -> (b, p, H, W) mask probabilities. Image i draws its K prior samples from key i
+  (raw threefry key data), so a result does not depend on what else is in the batch.
+- `prior(weights, images)` -> (mu, log_sigma), each (b, D).
+- `decode(weights, images, z)`: z (b, n, D) -> (b, n, H, W) mask logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+Weights = Mapping[str, Any]
+
+
+class InferenceError(ValueError):
+  """A model folder, run or input that cannot be used; the message names what and where."""
+
+
+# ---------------------------------------------------------------- weight trees
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  """Nested dicts of arrays -> {'a/b/c': array} (host float32 numpy)."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      out.update(flatten(value, name))
+    else:
+      out[name] = np.asarray(jax.device_get(value))
+  return out
+
+
+def unflatten(flat: Weights) -> dict[str, Any]:
+  """{'a/b/c': array} -> nested dicts (the inverse of `flatten`)."""
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def model_weights(params: Any, batch_stats: Any, projector: Any | None = None
+                  ) -> dict[str, np.ndarray]:
+  """The flat weights dict of a Stage-1 model (+ the projector's variables, if any)."""
+  tree = {"params": params}
+  if batch_stats:
+    tree["batch_stats"] = batch_stats
+  if projector is not None:
+    tree["projector"] = projector
+  return flatten(tree)
+
+
+def split_weights(weights: Weights) -> tuple[dict, dict | None]:
+  """(Stage-1 variables {'params', 'batch_stats'}, projector variables or None)."""
+  tree = unflatten(weights)
+  # safetensors cannot hold an empty dict: the plain U-Net has no batch_stats entries.
+  frozen = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+  return frozen, tree.get("projector")
+
+
+# ---------------------------------------------------------------- functions
+def prior_samples(mu_BD: jax.Array, log_sigma_BD: jax.Array, keys_B2: jax.Array,
+                  num: int) -> jax.Array:
+  """(B, num, D) reparameterised prior samples, image i's noise from its own key."""
+  draw = lambda k: jax.random.normal(jax.random.wrap_key_data(k), (num, mu_BD.shape[-1]),
+                                     mu_BD.dtype)
+  eps_BND = jax.vmap(draw)(keys_B2)
+  return mu_BD[:, None] + jnp.exp(log_sigma_BD)[:, None] * eps_BND
+
+
+def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
+  """The pure inference functions of the model the config describes (module docstring)."""
+  # Imported here: a loaded export runs without building the Flax model.
+  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
+  from prosona_jax import stage2  # pylint: disable=g-import-not-at-top
+  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
+
+  model = stage1.build_model(config)
+  projector = stage2.build_projector(config)
+  num_samples = int(config.stage2.eval_num_samples)
+  scale_scores = bool(config.stage2.scale_scores)
+
+  def prior(weights, images):
+    frozen, _ = split_weights(weights)
+    return model.apply(frozen, images, method="prior_dist")
+
+  def decode(weights, images, z_BND):
+    frozen, _ = split_weights(weights)
+    feats = model.apply(frozen, images, False, method="features")
+    logits_NBHW = prob_unet.decode_samples(model, frozen["params"], feats,
+                                           jnp.swapaxes(z_BND, 0, 1))
+    return jnp.swapaxes(logits_NBHW, 0, 1)
+
+  def prompt_probs(weights, images, emb_PE, keys_B2):
+    frozen, proj = split_weights(weights)
+    if proj is None:
+      raise InferenceError("prompt_probs needs the Stage-2 projector's weights "
+                           "(projector/...), which this model does not have.")
+    feats = model.apply(frozen, images, False, method="features")
+    mu, log_sigma = model.apply(frozen, images, method="prior_dist")
+    z_BKD = prior_samples(mu, log_sigma, keys_B2, num_samples)
+    logits, _, _ = stage2.prompt_logits(model, frozen, projector, proj,
+                                        stage2.Shared(feats, z_BKD), emb_PE,
+                                        scale_scores=scale_scores)
+    return jax.nn.sigmoid(logits)
+
+  return {"prompt_probs": prompt_probs, "prior": prior, "decode": decode}
+
+
+def image_keys(seed: int, indices: np.ndarray) -> np.ndarray:
+  """(n, 2) uint32 raw threefry keys: `fold_in(key(seed), index)` for each index."""
+  base = jax.random.key(int(seed))
+  keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(
+      jnp.asarray(indices, jnp.uint32))
+  return np.asarray(keys, np.uint32)
+
+
+# ---------------------------------------------------------------- runs on disk
+def load_config(workdir: str, override: ml_collections.ConfigDict | None = None
+                ) -> ml_collections.ConfigDict:
+  """The config a run saved (`WORKDIR/config.json`), or `override` when given."""
+  if override is not None:
+    return override
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise InferenceError(
+        f"{path}: not found. Runs trained before the config was saved need "
+        "--config=configs/NAME.py (with the same overrides as at training).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+@dataclasses.dataclass
+class RunModel:
+  """What a trained fold holds: its config, flat weights and prompt bank (None: Stage 1)."""
+  config: ml_collections.ConfigDict
+  weights: dict[str, np.ndarray]
+  bank: Any
+  source: dict
+
+
+def _grid_cell(projector: dict, config, cell: int | None, where: str) -> tuple[dict, dict]:
+  """One cell's projector from a grid checkpoint (leaves stacked over cells), or as is."""
+  if np.ndim(projector["params"]["out"]["bias"]) == 1:
+    return projector, {}
+  cells = [(float(a), float(b)) for a in config.stage2.grid_alpha
+           for b in config.stage2.grid_beta]
+  n = int(np.shape(projector["params"]["out"]["bias"])[0])
+  listing = ", ".join(f"{i}: alpha={a:g} beta={b:g}" for i, (a, b) in enumerate(cells[:n]))
+  if cell is None or not 0 <= cell < n:
+    raise InferenceError(f"{where}: a grid checkpoint of {n} cells; choose one with "
+                         f"--cell=INDEX ({listing})")
+  info = {"cell": int(cell)}
+  if len(cells) == n:
+    info.update(alpha=cells[cell][0], beta=cells[cell][1])
+  return jax.tree.map(lambda x: np.asarray(x)[cell], projector), info
+
+
+def load_run(workdir: str, *, fold: int | None = None,
+             config: ml_collections.ConfigDict | None = None,
+             stage2_dir: str | None = None, cell: int | None = None,
+             require_stage2: bool = False) -> RunModel:
+  """Reads one fold of a training run: Stage-1 state, projector and cached prompt bank.
+
+  Args:
+    workdir: the run's work directory.
+    fold: which fold's checkpoints; default the config's `data.fold` (0 when it is -1).
+    config: overrides `WORKDIR/config.json`.
+    stage2_dir: a Stage-2 directory (`checkpoints/` + `prompt_bank.npz`): default
+      `WORKDIR/fold<k>/stage2`; the grid's `WORKDIR/fold<k>/grid` needs `cell`. (A grid
+      cell run as its own job is a work directory of its own.)
+    cell: which cell of a grid checkpoint (index in `grid_alpha` x `grid_beta` order).
+    require_stage2: raise when there is no Stage-2 checkpoint (else Stage 1 only).
+  """
+  from prosona_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from prosona_jax import parallel  # pylint: disable=g-import-not-at-top
+  from prosona_jax import prompt_bank  # pylint: disable=g-import-not-at-top
+  from prosona_jax import stage2_train  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  config = load_config(workdir, config)
+  if fold is None:
+    fold = max(int(config.data.fold), 0)
+  s1_dir = stage2_train.stage1_checkpoint_dir(config, workdir, fold)
+  _, state = stage2_train.load_stage1(config, s1_dir, parallel.make_mesh())
+  state = jax.device_get(state)
+  projector, bank = None, None
+  s2_dir = stage2_dir or os.path.join(workdir, f"fold{fold}", "stage2")
+  ckpt_dir = os.path.join(s2_dir, "checkpoints")
+  if os.path.isdir(ckpt_dir):
+    ckpt = checkpointing.Checkpointer(ckpt_dir)
+    step = ckpt.latest_step()
+    if step is not None:
+      # Restored without a target: only the params matter, whatever optimizer made them.
+      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+      projector = jax.device_get(restored["state"]["params"])
+    ckpt.close()
+    if projector is not None:
+      projector, cell_info = _grid_cell(projector, config, cell, ckpt_dir)
+    bank_path = os.path.join(s2_dir, "prompt_bank.npz")
+    if projector is not None:
+      if not os.path.isfile(bank_path):
+        raise InferenceError(f"{bank_path}: missing; the Stage-2 run writes it beside "
+                             "its checkpoints.")
+      bank = prompt_bank.PromptBank.load(bank_path)
+  if projector is None and require_stage2:
+    raise InferenceError(f"{ckpt_dir}: no Stage-2 checkpoint; train Stage 2 or pass "
+                         "--stage2_dir=DIR.")
+  return RunModel(config=config,
+                  weights=model_weights(state.params, state.batch_stats, projector),
+                  bank=bank,
+                  source={"workdir": os.path.abspath(workdir), "fold": int(fold),
+                          "stage1_checkpoints": os.path.abspath(s1_dir),
+                          "stage2_dir": os.path.abspath(s2_dir) if projector else None,
+                          **(cell_info if projector is not None else {})})

@@ -1,0 +1,179 @@
+"""The two ways `predict` gets a model: a training run, or an export folder.
+
+Both give a `LoadedModel`: the export's metadata (config.json's schema), the prompt bank
+and three callables (`prompt_probs`, `prior`, `decode`; see `inference.py`) with the
+weights already bound. An export folder is run only through its serialized functions:
+nothing here builds the Flax model for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+from jax import export as jax_export
+import numpy as np
+
+from prosona_jax import inference
+from prosona_jax.inference import InferenceError
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready for inference (`fns` values take arrays, the weights bound)."""
+  meta: dict
+  bank: Any
+  fns: dict[str, Callable]
+  origin: str
+
+  @property
+  def has_projector(self) -> bool:
+    return "prompt_probs" in self.fns
+
+
+def _bind(fn: Callable, weights: dict) -> Callable:
+  jitted = jax.jit(fn)
+  return lambda *args: jitted(weights, *args)
+
+
+def _read_meta(model_dir: str) -> dict:
+  from prosona_jax import export  # pylint: disable=g-import-not-at-top
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.isdir(model_dir):
+    raise InferenceError(f"{model_dir}: no such model folder")
+  if not os.path.isfile(path):
+    raise InferenceError(f"{path}: not found; {model_dir} is not a prosona_jax export "
+                         "(write one with `python -m prosona_jax.export`)")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise InferenceError(f"{path}: not readable JSON ({e})") from e
+  if not isinstance(meta, dict) or meta.get("format") != export.FORMAT:
+    got = meta.get("format") if isinstance(meta, dict) else None
+    raise InferenceError(f"{path}: field 'format' is {got!r}, expected {export.FORMAT!r}: "
+                         "not a prosona_jax export")
+  if meta.get("format_version") != export.FORMAT_VERSION:
+    raise InferenceError(
+        f"{path}: field 'format_version' is {meta.get('format_version')!r}, but this "
+        f"prosona_jax reads version {export.FORMAT_VERSION} (the folder was written by "
+        f"prosona_jax {meta.get('prosona_jax_version', '?')}); re-export it with this "
+        "version or use the matching prosona_jax.")
+  for field in ("data", "model", "functions"):
+    if field not in meta:
+      raise InferenceError(f"{path}: field {field!r} is missing")
+  return meta
+
+
+def load_export(model_dir: str) -> LoadedModel:
+  """Loads an export folder through its serialized functions only."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from prosona_jax import prompt_bank  # pylint: disable=g-import-not-at-top
+
+  meta = _read_meta(model_dir)
+  wpath = os.path.join(model_dir, "params.safetensors")
+  try:
+    weights = jax.device_put(load_file(wpath))
+  except Exception as e:  # Missing, truncated or not safetensors.
+    raise InferenceError(f"{wpath}: cannot read the weights ({e})") from e
+  platform = jax_export.default_export_platform()  # 'cuda', not 'gpu'.
+  fns = {}
+  for name, spec in meta["functions"].items():
+    fpath = os.path.join(model_dir, spec["file"])
+    try:
+      with open(fpath, "rb") as f:
+        exp = jax_export.deserialize(bytearray(f.read()))
+    except Exception as e:
+      raise InferenceError(f"{fpath}: cannot deserialize the {name} function ({e}); it "
+                           f"was written with jax {meta.get('jax_version', '?')}, this is "
+                           f"jax {jax.__version__}") from e
+    if platform not in exp.platforms:
+      raise InferenceError(f"{fpath}: exported for {', '.join(exp.platforms)}, but JAX "
+                           f"runs on {platform} here; re-export with --platforms={platform}")
+    fns[name] = _bind(exp.call, weights)
+  bank = None
+  if meta.get("prompt_bank"):
+    bpath = os.path.join(model_dir, meta["prompt_bank"])
+    if not os.path.isfile(bpath):
+      raise InferenceError(f"{bpath}: missing (config.json field 'prompt_bank' names it)")
+    bank = prompt_bank.PromptBank.load(bpath)
+  return LoadedModel(meta=meta, bank=bank, fns=fns, origin=os.path.abspath(model_dir))
+
+
+def load_workdir(workdir: str, *, fold: int | None = None, config=None,
+                 stage2_dir: str | None = None, cell: int | None = None
+                 ) -> tuple[LoadedModel, Any]:
+  """Loads a training run's fold in-framework; returns the model and the run's config."""
+  from prosona_jax import export  # pylint: disable=g-import-not-at-top
+  run = inference.load_run(workdir, fold=fold, config=config, stage2_dir=stage2_dir,
+                           cell=cell)
+  has_projector = run.bank is not None
+  meta = export.export_metadata(run.config, bank=run.bank, has_projector=has_projector,
+                                source=run.source,
+                                platforms=(jax_export.default_export_platform(),))
+  weights = jax.device_put(run.weights)
+  fns = inference.make_functions(run.config)
+  if not has_projector:
+    del fns["prompt_probs"]
+  fns = {name: _bind(fn, weights) for name, fn in fns.items()}
+  return LoadedModel(meta=meta, bank=run.bank, fns=fns,
+                     origin=os.path.abspath(workdir)), run.config
+
+
+def canonical_prompts(bank) -> list[str]:
+  """Each rater's first training phrasing, in rater order (the default prompts)."""
+  rater, held = np.asarray(bank.rater), np.asarray(bank.heldout)
+  return [bank.prompts[int(np.flatnonzero((rater == r) & ~held)[0])]
+          for r in range(bank.num_raters)]
+
+
+class PromptEmbedder:
+  """Bank phrasings from the cached embeddings; other text through the text encoder."""
+
+  def __init__(self, model: LoadedModel, text_encoder: str = ""):
+    self.model, self.choice = model, text_encoder
+    self._encoder, self._error = None, None
+
+  def _encoder_or_error(self, prompt: str):
+    if self._encoder is None and self._error is None:
+      text = self.model.meta.get("text", {})
+      if self.choice == "none":
+        self._error = "the text encoder is disabled (--text_encoder=none)"
+      else:
+        from prosona_jax.models import text_encoder as te  # pylint: disable=g-import-not-at-top
+        kind, name = text.get("kind", "clip"), self.choice or text.get("model", "")
+        try:
+          self._encoder = te.load_text_encoder(kind, name,
+                                               max_length=int(text.get("max_length", 32)))
+        except (te.TextEncoderError, OSError, ValueError) as e:
+          self._error = f"the text encoder {kind!r} ({name or 'default'}) is not available: {e}"
+    if self._encoder is None:
+      bank = self.model.bank
+      import difflib  # pylint: disable=g-import-not-at-top
+      close = difflib.get_close_matches(prompt, bank.prompts, n=3) if bank else []
+      raise InferenceError(
+          f"prompt {prompt!r} is not in the model's prompt bank (closest: {close}) and "
+          f"{self._error}. Use a bank phrasing (--list_prompts shows them).")
+    return self._encoder
+
+  def __call__(self, prompts: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(P, E) embeddings and, per prompt, 'bank' or 'text encoder'."""
+    bank = self.model.bank
+    rows, how = [], []
+    for p in prompts:
+      if bank is not None and p in bank.prompts:
+        rows.append(bank.lookup(p))
+        how.append("bank")
+        continue
+      enc = self._encoder_or_error(p)
+      e = enc.encode([p])[0]
+      if bank is not None and e.shape[0] != bank.embeddings.shape[1]:
+        raise InferenceError(f"the text encoder {enc.name!r} gives {e.shape[0]}-d "
+                             f"embeddings, the model's bank has "
+                             f"{bank.embeddings.shape[1]}-d ({bank.encoder_name!r})")
+      rows.append(e)
+      how.append("text encoder")
+    return np.stack(rows).astype(np.float32), how

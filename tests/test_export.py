@@ -1,0 +1,148 @@
+"""Exports: the folder's contents, exact weights, and serialized functions = the model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from prosona_jax import export
+from prosona_jax import inference
+from prosona_jax import model_loader
+from prosona_jax import parallel
+from prosona_jax import prompt_bank
+from prosona_jax import stage2
+from prosona_jax import stage2_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+  """The run's config, Stage-1 state and projector params, read the training way."""
+  config = inference.load_config(tiny_run)
+  model, state = stage2_train.load_stage1(
+      config, os.path.join(tiny_run, "fold0", "stage1", "checkpoints"), parallel.make_mesh())
+  run = inference.load_run(tiny_run)
+  proj = inference.unflatten(run.weights)["projector"]
+  return config, model, jax.device_get(state), proj
+
+
+def test_folder_holds_weights_config_bank_functions_and_readme(tiny_export, tiny_run):
+  files = set(os.listdir(tiny_export))
+  assert {"params.safetensors", "config.json", "prompt_bank.npz", "README.md",
+          "prompt_probs.jaxexport", "prior.jaxexport", "decode.jaxexport"} <= files
+  with open(os.path.join(tiny_export, "config.json")) as f:
+    meta = json.load(f)
+  assert meta["format"] == export.FORMAT and meta["format_version"] == export.FORMAT_VERSION
+  assert meta["data"]["image_size"] == 32 and meta["data"]["num_raters"] == 4
+  assert meta["model"]["backbone"] == "unet" and meta["stage2"]["eval_num_samples"] == 4
+  assert meta["text"]["kind"] == "tiny_bert" and meta["source"]["fold"] == 0
+  assert "b,p,32,32" in meta["functions"]["prompt_probs"]["outputs"][0]
+  bank = prompt_bank.PromptBank.load(os.path.join(tiny_export, "prompt_bank.npz"))
+  run_bank = prompt_bank.PromptBank.load(os.path.join(tiny_run, "fold0", "stage2",
+                                                      "prompt_bank.npz"))
+  assert bank.prompts == run_bank.prompts
+  np.testing.assert_array_equal(bank.embeddings, run_bank.embeddings)
+  with open(os.path.join(tiny_export, "README.md")) as f:
+    assert "prompt_probs.jaxexport" in f.read()
+
+
+def test_params_safetensors_reload_into_the_model_exactly(tiny_export, trained):
+  _, _, state, proj = trained
+  tree = inference.unflatten(load_file(os.path.join(tiny_export, "params.safetensors")))
+  assert set(tree) == {"params", "projector"}  # The plain U-Net has no batch_stats.
+  assert jax.tree.structure(tree["params"]) == jax.tree.structure(state.params)
+  for got, want in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(jax.tree.leaves(tree["projector"]), jax.tree.leaves(proj)):
+    np.testing.assert_array_equal(got, want)
+
+
+def _reference(config, model, state, proj, images, emb, keys):
+  """Prompt probabilities with the training code's pieces (stage2.prompt_logits)."""
+  projector = stage2.build_projector(config)
+
+  @jax.jit
+  def run(frozen, proj, images, emb, keys):
+    feats = model.apply(frozen, images, False, method="features")
+    mu, log_sigma = model.apply(frozen, images, method="prior_dist")
+    eps = jnp.stack([jax.random.normal(jax.random.wrap_key_data(keys[i]), (4, mu.shape[-1]))
+                     for i in range(keys.shape[0])])
+    z = mu[:, None] + jnp.exp(log_sigma)[:, None] * eps
+    logits, _, _ = stage2.prompt_logits(model, frozen, projector, proj,
+                                        stage2.Shared(feats, z), emb, scale_scores=True)
+    return jax.nn.sigmoid(logits), mu, log_sigma, feats
+
+  frozen = stage2.frozen_from_state(state)
+  probs, mu, log_sigma, feats = run(frozen, proj, images, emb, keys)
+  return np.asarray(probs), (mu, log_sigma), (frozen, feats)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_exported_functions_match_the_model(tiny_export, trained, batch):
+  config, model, state, proj = trained
+  loaded = model_loader.load_export(tiny_export)
+  rng = np.random.default_rng(batch)
+  images = rng.random((batch, 32, 32, 1), np.float32)
+  emb = loaded.bank.embeddings[:6]
+  keys = inference.image_keys(7, np.arange(batch))
+  want, (mu, log_sigma), (frozen, feats) = _reference(config, model, state, proj, images,
+                                                      emb, keys)
+  got = np.asarray(loaded.fns["prompt_probs"](images, emb, keys))
+  assert got.shape == (batch, 6, 32, 32)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  e_mu, e_log = loaded.fns["prior"](images)
+  np.testing.assert_allclose(e_mu, mu, atol=1e-5)
+  np.testing.assert_allclose(e_log, log_sigma, atol=1e-5)
+  z = rng.normal(size=(batch, 3, 6)).astype(np.float32)
+  decode = jax.jit(lambda f, z: model.apply(frozen, f, z, method="decode"))
+  want_logits = np.stack([decode(feats, z[:, j]) for j in range(3)], 1)
+  np.testing.assert_allclose(loaded.fns["decode"](images, z), want_logits, atol=1e-5)
+  # Each image draws from its own key: the first image's masks ignore the batch around it.
+  alone = loaded.fns["prompt_probs"](images[:1], emb, keys[:1])
+  np.testing.assert_allclose(alone, got[:1], atol=1e-6)
+
+
+def test_cli_exports_a_stage2_dir_and_needs_a_config_when_none_was_saved(
+    tiny_run, tiny_export, tmp_path):
+  out = str(tmp_path / "cell")
+  proc = subprocess.run(
+      [sys.executable, "-m", "prosona_jax.export", f"--workdir={tiny_run}", f"--out={out}",
+       "--fold=0", f"--stage2_dir={os.path.join(tiny_run, 'fold0', 'stage2')}",
+       "--platforms=cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["source"]["stage2_dir"].endswith(os.path.join("fold0", "stage2"))
+  got, want = (load_file(os.path.join(d, "params.safetensors")) for d in (out, tiny_export))
+  assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  empty = tmp_path / "old_run"
+  empty.mkdir()
+  with pytest.raises(inference.InferenceError, match="config.json: not found.*--config"):
+    export.export_run(str(empty), str(tmp_path / "x"))
+
+
+def test_exports_one_cell_of_a_grid_checkpoint(tiny_run, trained, tmp_path):
+  from prosona_jax import checkpointing
+  config, _, _, proj = trained
+  # A grid trained in one program stacks every cell's projector on a leading axis.
+  cells = len(config.stage2.grid_alpha) * len(config.stage2.grid_beta)
+  stacked = jax.tree.map(lambda x: np.stack([x + c for c in range(cells)]), proj)
+  grid_dir = tmp_path / "fold0" / "grid"
+  ckpt = checkpointing.Checkpointer(str(grid_dir / "checkpoints"))
+  ckpt.save(3, {"params": stacked, "step": np.asarray(3)})
+  ckpt.close()
+  shutil.copy(os.path.join(tiny_run, "fold0", "stage2", "prompt_bank.npz"), grid_dir)
+  with pytest.raises(inference.InferenceError,
+                     match=r"9 cells.*--cell=INDEX.*4: alpha=0.5 beta=0.5"):
+    inference.load_run(tiny_run, stage2_dir=str(grid_dir))
+  run = inference.load_run(tiny_run, stage2_dir=str(grid_dir), cell=4)
+  assert run.source["alpha"] == 0.5 and run.source["beta"] == 0.5
+  np.testing.assert_array_equal(run.weights["projector/params/out/bias"],
+                                np.asarray(proj["params"]["out"]["bias"]) + 4)
