@@ -18,7 +18,8 @@ class Checkpointer:
   """A `CheckpointManager` with items `state` (pytree), `data` (iterator), `meta` (JSON)."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+    # Orbax wants absolute local paths; gs:// and other URLs pass through (etils.epath).
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),

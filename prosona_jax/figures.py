@@ -1,8 +1,8 @@
 """Figures written to `WORKDIR/eval/`: sampled styles, prompt panels, interpolation strips."""
 
-import os
 from typing import Sequence
 
+from etils import epath
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -26,8 +26,11 @@ def _show(ax, image_HWC, mask_HW=None, title=None, color=(1.0, 0.2, 0.2)):
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  """Saves to a local or gs:// path (etils.epath); the format comes from the suffix."""
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with out.open("wb") as f:
+    fig.savefig(f, format=out.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
   plt.close(fig)
   return path
 

@@ -189,13 +189,14 @@ def test_two_shards_split_the_global_batch():
     assert sorted(a + b) == sorted(_ids(whole[step]))
     epoch += a + b
   assert len(set(epoch)) == 18  # 21 // 6 * 6 distinct examples in one epoch.
-  # With augmentation on, each shard gets rows s::2 of the single-process global batch.
-  aug = [_take(_loader(source, shard_index=s, shard_count=2, batch_size=3), 2) for s in (0, 1)]
-  glob = _take(_loader(source, batch_size=6), 2)
-  for step in range(2):
+  # With augmentation on, each shard gets rows 3s:3s+3 of the single-process global batch
+  # (where jax.make_array_from_process_local_data puts them), across epochs too.
+  aug = [_take(_loader(source, shard_index=s, shard_count=2, batch_size=3), 7) for s in (0, 1)]
+  glob = _take(_loader(source, batch_size=6), 7)
+  for step in range(7):
     for s in (0, 1):
-      np.testing.assert_array_equal(aug[s][step]["masks"], glob[step]["masks"][s::2])
-      np.testing.assert_array_equal(aug[s][step]["image"], glob[step]["image"][s::2])
+      np.testing.assert_array_equal(aug[s][step]["masks"], glob[step]["masks"][3 * s:3 * s + 3])
+      np.testing.assert_array_equal(aug[s][step]["image"], glob[step]["image"][3 * s:3 * s + 3])
 
 
 def test_steps_per_epoch_and_errors():

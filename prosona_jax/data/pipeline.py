@@ -5,12 +5,15 @@ augmentation and the global batches do not depend on how many processes share th
 
   subset(indices) -> keep image/masks -> shuffle (reseeded every epoch)
     -> augment (seeded by global position) -> trim to whole global batches
-    -> shard [process::num_processes] -> batch -> repeat(num_epochs) -> iterator
+    -> batch (per-process size B) -> shard the batches [process::num_processes]
+    -> repeat(num_epochs) -> iterator
 
-Process `s` of `K` therefore gets rows `s::K` of the global batch of `K * batch_size`
-elements that a single process would have read, and every process yields the same number
-of batches. Training batches hold only `image` (B, H, W, C) float32 and `masks`
-(B, R, H, W) uint8: the string fields are dropped because a jitted step cannot take them.
+Process `s` of `K` therefore gets rows `s*B:(s+1)*B` of the global batch of `K * B`
+elements that a single process would have read, which is where
+`jax.make_array_from_process_local_data` puts them: the global array is the
+single-process batch, row for row, and every process yields the same number of batches.
+Training batches hold only `image` (B, H, W, C) float32 and `masks` (B, R, H, W) uint8:
+the string fields are dropped because a jitted step cannot take them.
 
 The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` give a small
 JSON-able dict, and Orbax saves it with Grain's own handler (`CheckpointSave` /
@@ -177,9 +180,15 @@ def train_loader(source: Any, indices: Sequence[int], *, batch_size: int, seed: 
                        seed=_derived_seed(seed, 1))
   if usable < idx.size:
     ds = ds[:usable]  # Slices are epoch-aware: each epoch drops its own shuffled tail.
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if drop_remainder:
+    # Shard whole per-process batches: contiguous rows of each global batch (see above).
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if shard_count > 1:
+      ds = ds[shard_index::shard_count]
+  else:
+    if shard_count > 1:
+      ds = ds[shard_index::shard_count]
+    ds = ds.batch(batch_size, drop_remainder=False)
   ds = ds.repeat(num_epochs)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=prefetch_batches))
