@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.backbone = "resnet34"  # resnet34 (D-Persona's U-Net) | unet (Probabilistic U-Net's).
   m.feature_channels = 16  # Channels of the full-resolution feature map.
   m.unet_filters = (32, 64, 128, 192)  # Filters of the plain U-Net backbone.
+  m.unet_batch_norm = False  # BatchNorm after each plain U-Net conv (not in the original).
   m.latent_dim = 6  # D: dimension of the latent space.
   m.gaussian_filters = (16, 32, 64, 128, 256)  # Prior/posterior encoder filters.
   m.convs_per_block = 3  # 3x3 convs per prior/posterior level.

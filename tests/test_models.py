@@ -227,3 +227,24 @@ def test_hwio_conv_matches_pytorch_convention():
   out = layer.apply({"params": {"kernel": w_OIHW.transpose(2, 3, 1, 0)}},
                     x_NCHW.transpose(0, 2, 3, 1))
   np.testing.assert_allclose(out.transpose(0, 3, 1, 2), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_unet_batch_norm_option():
+  """BatchNorm after each conv: scale/bias instead of conv biases, stats in batch_stats."""
+  x = jnp.linspace(0.0, 1.0, 2 * 16 * 16).reshape(2, 16, 16, 1)
+  plain = backbone_lib.PlainUNet(filters=(4, 8), feature_channels=4, convs_per_block=2)
+  normed = backbone_lib.PlainUNet(filters=(4, 8), feature_channels=4, convs_per_block=2,
+                                  batch_norm=True)
+  v_plain = plain.init(jax.random.key(0), x)
+  v_bn = normed.init(jax.random.key(0), x)
+  count = lambda t: sum(a.size for a in jax.tree.leaves(t))
+  convs = [k for k in v_plain["params"] if "_conv" in k]
+  # Each conv drops its bias (C) and gains a BatchNorm scale and bias (2C).
+  extra = sum(v_plain["params"][k]["bias"].size for k in convs)
+  assert count(v_bn["params"]) == count(v_plain["params"]) + extra
+  assert "batch_stats" in v_bn and "batch_stats" not in v_plain
+  out, updates = normed.apply(v_bn, x, True, mutable=["batch_stats"])
+  assert out.shape == (2, 16, 16, 4)
+  before = jax.tree.leaves(v_bn["batch_stats"])
+  after = jax.tree.leaves(updates["batch_stats"])
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))

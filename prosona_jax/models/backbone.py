@@ -200,7 +200,9 @@ class PlainUNet(nn.Module):
   `convs_per_block` 3x3 conv + ReLU. Up path: bilinear 2x (align corners), concat with
   the skip, `convs_per_block` 3x3 conv + ReLU. When `filters[0]` differs from
   `feature_channels`, a final 1x1 conv (no activation) projects to `feature_channels`
-  so that Fcomb always sees the same width.
+  so that Fcomb always sees the same width. `batch_norm` (not in the original) puts
+  BatchNorm after each conv: without it, Adam's first steps can grow the activations of
+  this unnormalised net coherently until the Dice loss saturates on an empty mask.
 
   Attributes:
     filters: channels per level, shallow to deep.
@@ -211,20 +213,25 @@ class PlainUNet(nn.Module):
   filters: Sequence[int] = (32, 64, 128, 192)
   feature_channels: int = 16
   convs_per_block: int = 3
+  batch_norm: bool = False
   dtype: Any = jnp.float32
 
-  def _block(self, x: jax.Array, features: int, prefix: str) -> jax.Array:
+  def _block(self, x: jax.Array, features: int, prefix: str, train: bool) -> jax.Array:
     for k in range(self.convs_per_block):
       x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=KAIMING_NORMAL,
-                  bias_init=tiny_truncated_normal(), dtype=self.dtype,
-                  name=f"{prefix}_conv{k}")(x)
+                  use_bias=not self.batch_norm, bias_init=tiny_truncated_normal(),
+                  dtype=self.dtype, name=f"{prefix}_conv{k}")(x)
+      if self.batch_norm:
+        x = batch_norm(train, f"{prefix}_bn{k}", self.dtype)(x)
       x = nn.relu(x)
     return x
 
   @nn.compact
   def __call__(self, x_BHWC: jax.Array, train: bool = False) -> jax.Array:
-    """Maps (B, H, W, C) images to (B, H, W, feature_channels); `train` is unused."""
-    del train  # No normalisation or dropout: train and eval are the same function.
+    """Maps (B, H, W, C) images to (B, H, W, feature_channels).
+
+    `train` matters only with `batch_norm` (batch statistics, running averages updated).
+    """
     factor = 2 ** (len(self.filters) - 1)
     h, w = x_BHWC.shape[1:3]
     if h % factor or w % factor:
@@ -234,11 +241,11 @@ class PlainUNet(nn.Module):
       if i > 0:
         skips.append(x)
         x = avg_pool_ceil(x)
-      x = self._block(x, f, f"down{i}")
+      x = self._block(x, f, f"down{i}", train)
     for i in range(len(self.filters) - 2, -1, -1):
       x = upsample_bilinear_align_corners(x)
       x = jnp.concatenate([x, skips[i]], axis=-1)
-      x = self._block(x, self.filters[i], f"up{i}")
+      x = self._block(x, self.filters[i], f"up{i}", train)
     if self.filters[0] != self.feature_channels:
       x = nn.Conv(self.feature_channels, (1, 1), kernel_init=KAIMING_NORMAL,
                   bias_init=tiny_truncated_normal(), dtype=self.dtype, name="project")(x)
@@ -247,11 +254,12 @@ class PlainUNet(nn.Module):
 
 def build_backbone(kind: str, *, feature_channels: int = 16,
                    unet_filters: Sequence[int] = (32, 64, 128, 192),
-                   convs_per_block: int = 3, dtype: Any = jnp.float32) -> nn.Module:
+                   convs_per_block: int = 3, unet_batch_norm: bool = False,
+                   dtype: Any = jnp.float32) -> nn.Module:
   """Returns the backbone named by `config.model.backbone` ("resnet34" or "unet")."""
   if kind == "resnet34":
     return ResNetUNet(feature_channels=feature_channels, dtype=dtype)
   if kind == "unet":
     return PlainUNet(filters=tuple(unet_filters), feature_channels=feature_channels,
-                     convs_per_block=convs_per_block, dtype=dtype)
+                     convs_per_block=convs_per_block, batch_norm=unet_batch_norm, dtype=dtype)
   raise ValueError(f"Unknown backbone {kind!r}: expected 'resnet34' or 'unet'.")
