@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
   # of them, so a larger bank reaches the extreme styles of a briefly trained prior.
   c.stage2.num_samples = 30
   c.stage2.eval_num_samples = 100
-  c.stage2.lr = 1e-3
+  c.stage2.lr = 3e-3
   c.stage2.checkpoint_every = 200
   c.stage2.log_every = 25
   c.stage2.eval_every_epochs = 0

@@ -1,6 +1,23 @@
-"""Fixtures shared by the inference tests: one tiny trained run and its export."""
+"""Test session set-up, and fixtures shared by the inference tests.
+
+Compiles are most of a tiny run's time on a CPU, and many tests compile the same tiny
+model (in this process and in the subprocesses they start), so the session shares one
+persistent compilation cache. It lives in a fresh temporary folder: nothing carries over
+between sessions.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import pytest
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="prosona_jax_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 @pytest.fixture(scope="session")
