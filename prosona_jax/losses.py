@@ -85,9 +85,15 @@ def bound_loss(logits_KBHW: jax.Array, masks_BRHW: jax.Array, *, form: str = "su
   Returns:
     Scalar loss.
   """
+  return bound_loss_from_extremes(jnp.max(logits_KBHW, axis=0), jnp.min(logits_KBHW, axis=0),
+                                  masks_BRHW, form=form, epsilon=epsilon)
+
+
+def bound_loss_from_extremes(max_BHW: jax.Array, min_BHW: jax.Array, masks_BRHW: jax.Array,
+                             *, form: str = "sum", epsilon: float = 1e-6) -> jax.Array:
+  """`bound_loss` given the element-wise max and min of the K logit maps."""
   masks = masks_BRHW.astype(jnp.float32)
   union_BHW, inter_BHW = jnp.max(masks, axis=1), jnp.min(masks, axis=1)
-  max_BHW, min_BHW = jnp.max(logits_KBHW, axis=0), jnp.min(logits_KBHW, axis=0)
   if form == "sum":
     return (dice_loss(max_BHW, union_BHW, epsilon=epsilon)
             + dice_loss(min_BHW, inter_BHW, epsilon=epsilon))
@@ -200,8 +206,10 @@ def stage1_loss(params: Any, batch_stats: Any, model: prob_unet.ProbUNet,
   kl = kl_diag_gaussians(mu_q, log_sigma_q, mu_p, log_sigma_p)
 
   z_KBD = _gaussian_sample(rng_bound, mu_p, log_sigma_p, num_bound_samples)
-  logits_KBHW = prob_unet.decode_samples(model, params, features, z_KBD)
-  bound = bound_loss(logits_KBHW, masks_BRHW, form=bound_form, epsilon=dice_epsilon)
+  # max/min over the K decodes, back-propagating through the winning samples only.
+  max_BHW, min_BHW = prob_unet.decode_extremes(model, params, features, z_KBD)
+  bound = bound_loss_from_extremes(max_BHW, min_BHW, masks_BRHW, form=bound_form,
+                                   epsilon=dice_epsilon)
   reg = weight_norm(params, include_biases=reg_include_biases)
 
   loss = seg + kl_weight * kl + bound_weight * bound + reg_weight * reg

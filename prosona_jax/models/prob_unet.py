@@ -51,28 +51,61 @@ class AxisAlignedGaussian(nn.Module):
     return out_B2D[:, :self.latent_dim], out_B2D[:, self.latent_dim:]
 
 
+class _FeaturesAndLatentDense(nn.Module):
+  """Fcomb's first 1x1 conv, on concat([features, z]) without building the concatenation.
+
+  The parameters are those of `nn.Dense(width)` applied to the concatenation (kernel
+  (F + D, width), bias (width,)); the output `features @ kernel[:F] + (z @ kernel[F:] +
+  bias)` is the same sum, grouped so that the feature term does not depend on z: decoding
+  K latents (`jax.vmap` over z) computes it once instead of K times, and z is never
+  tiled over H x W.
+  """
+  width: int
+
+  @nn.compact
+  def __call__(self, features_BHWF: jax.Array, z: jax.Array) -> jax.Array:
+    """z: (B, D) per image, or (B, H, W, D) per pixel."""
+    f = features_BHWF.shape[-1]
+    kernel = self.param("kernel", nn.initializers.orthogonal(),
+                        (f + z.shape[-1], self.width), jnp.float32)
+    bias = self.param("bias", backbone_lib.tiny_truncated_normal(), (self.width,),
+                      jnp.float32)
+    z_part = z @ kernel[f:] + bias
+    if z.ndim == 2:
+      z_part = z_part[:, None, None, :]
+    return features_BHWF @ kernel[:f] + z_part
+
+
 class Fcomb(nn.Module):
   """Tiles z over H x W, concatenates it after the features and applies 1x1 convs.
 
   `hidden_layers` 1x1 conv + ReLU of width `width`, then a 1x1 conv to one logit map
   (`last`, kept apart because the weight regulariser skips it). Orthogonal weights.
+  The first conv never materialises the tiled concatenation (`_FeaturesAndLatentDense`).
   """
   hidden_layers: int = 3
   width: int = 16
 
   @nn.compact
-  def __call__(self, features_BHWF: jax.Array, z_BD: jax.Array) -> jax.Array:
-    """Returns logits (B, H, W)."""
-    b, h, w, _ = features_BHWF.shape
+  def __call__(self, features_BHWF: jax.Array, z: jax.Array) -> jax.Array:
+    """Returns logits (B, H, W); z is (B, D), or (B, H, W, D) for one latent per pixel."""
+    if z.ndim not in (2, 4):
+      raise ValueError(f"z must be (B, D) or (B, H, W, D), got {z.shape}.")
     # Fcomb is ~1% of the work: float32 even under a bfloat16 backbone keeps z exact.
-    z_BHWD = jnp.broadcast_to(z_BD[:, None, None, :].astype(jnp.float32),
-                              (b, h, w, z_BD.shape[-1]))
-    x = jnp.concatenate([features_BHWF.astype(jnp.float32), z_BHWD], axis=-1)
+    features = features_BHWF.astype(jnp.float32)
+    z = z.astype(jnp.float32)
     dense = lambda f, name: nn.Dense(f, kernel_init=nn.initializers.orthogonal(),
                                      bias_init=backbone_lib.tiny_truncated_normal(),
                                      name=name)
+    x = features
     for i in range(self.hidden_layers):
-      x = nn.relu(dense(self.width, f"hidden_{i}")(x))
+      if i == 0:
+        x = _FeaturesAndLatentDense(self.width, name="hidden_0")(features, z)
+      else:
+        x = dense(self.width, f"hidden_{i}")(x)
+      x = nn.relu(x)
+    if self.hidden_layers == 0:  # No hidden layer: `last` sees the concatenation.
+      return _FeaturesAndLatentDense(1, name="last")(features, z)[..., 0]
     return dense(1, "last")(x)[..., 0]
 
 
@@ -94,6 +127,7 @@ class ProbUNet(nn.Module):
   backbone_kind: str = "resnet34"
   feature_channels: int = 16
   unet_filters: Sequence[int] = (32, 64, 128, 192)
+  unet_batch_norm: bool = False
   latent_dim: int = 6
   gaussian_filters: Sequence[int] = (16, 32, 64, 128, 256)
   convs_per_block: int = 3
@@ -109,6 +143,7 @@ class ProbUNet(nn.Module):
     self.backbone = backbone_lib.build_backbone(
         self.backbone_kind, feature_channels=self.feature_channels,
         unet_filters=self.unet_filters, convs_per_block=self.convs_per_block,
+        unet_batch_norm=self.unet_batch_norm,
         dtype=self.dtype)
     gaussian = dict(latent_dim=self.latent_dim, filters=tuple(self.gaussian_filters),
                     convs_per_block=self.convs_per_block)
@@ -139,7 +174,10 @@ class ProbUNet(nn.Module):
     return self.posterior(x)
 
   def decode(self, features_BHWF: jax.Array, z_BD: jax.Array) -> jax.Array:
-    """Logits (B, H, W) of the mask for latent z_BD; applies Fcomb only."""
+    """Logits (B, H, W) of the mask for latent z_BD; applies Fcomb only.
+
+    z may also be (B, H, W, D), one latent per pixel (see `decode_extremes`).
+    """
     return self.fcomb(features_BHWF, z_BD)
 
   def posterior_condition(self, masks_BRHW: jax.Array, rater: jax.Array | int = 0
@@ -179,6 +217,7 @@ def build_model(model_cfg: Mapping[str, Any], num_raters: int,
       backbone_kind=model_cfg["backbone"],
       feature_channels=int(model_cfg["feature_channels"]),
       unet_filters=tuple(model_cfg["unet_filters"]),
+      unet_batch_norm=bool(model_cfg.get("unet_batch_norm", False)),
       latent_dim=int(model_cfg["latent_dim"]),
       gaussian_filters=tuple(model_cfg["gaussian_filters"]),
       convs_per_block=int(model_cfg["convs_per_block"]),
@@ -211,11 +250,41 @@ def decode_samples(model: ProbUNet, params: Any, features_BHWF: jax.Array,
   """Decodes K latents per image with Fcomb only: logits (K, B, H, W).
 
   The backbone features are computed once by the caller; `jax.vmap` over K runs only
-  Fcomb, which is ~1% of the backbone's work per sample.
+  Fcomb, which is ~1% of the backbone's work per sample, and inside Fcomb only the
+  parts that depend on z (the feature term of its first conv is computed once).
   """
   decode = lambda z_BD: model.apply({"params": params}, features_BHWF, z_BD,
                                     method="decode")
   return jax.vmap(decode)(z_KBD)
+
+
+def decode_extremes(model: ProbUNet, params: Any, features_BHWF: jax.Array,
+                    z_KBD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Element-wise max and min over K of `decode_samples`: (max_BHW, min_BHW).
+
+  The values are exactly `max`/`min` over axis 0 of `decode_samples`. The gradient is
+  that of `jnp.max`/`jnp.min` too, which reaches only the winning sample of each pixel,
+  but it is computed by decoding that sample's latent once more, per pixel, instead of
+  back-propagating through all K maps: 2 decodes per pixel in the backward pass instead
+  of K (Fcomb's backward pass dominated the bound loss's cost). Only rounding differs.
+
+  Ties: `jnp.max` splits a tied pixel's gradient evenly between the tied samples; here
+  the first of them takes it all. Distinct latents tie only where every unit of Fcomb's
+  last hidden layer is zero (the logit is then the bias for all of them), and there
+  both rules give the same gradient: the whole of it to `last/bias`, nothing upstream.
+  """
+  logits_KBHW = jax.lax.stop_gradient(decode_samples(model, params, features_BHWF, z_KBD))
+  k = z_KBD.shape[0]
+  out = []
+  for reduce, arg in ((jnp.max, jnp.argmax), (jnp.min, jnp.argmin)):
+    # Exact selection (1 * z + 0 * others) whose gradient goes back to z_KBD.
+    onehot_BHWK = jax.nn.one_hot(arg(logits_KBHW, axis=0), k, dtype=z_KBD.dtype)
+    z_BHWD = jnp.einsum("bhwk,kbd->bhwd", onehot_BHWK, z_KBD)
+    winner_BHW = model.apply({"params": params}, features_BHWF, z_BHWD, method="decode")
+    # The value of the full reduction, the gradient of the re-decoded winner.
+    out.append(reduce(logits_KBHW, axis=0)
+               + (winner_BHW - jax.lax.stop_gradient(winner_BHW)))
+  return out[0], out[1]
 
 
 def _count(tree: Any) -> int:
