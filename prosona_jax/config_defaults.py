@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   s2.schedule = "constant"  # constant | cosine.
   s2.num_samples = 10  # K prior samples forming the prompt latent (D-Persona: 100 train).
   s2.eval_num_samples = 10  # K at test time (D-Persona: 500).
+  s2.seg_phrasings_per_rater = 1  # Phrasings per rater decoded for L_seg each step (0: all).
   s2.scale_scores = True  # Divide scores by sqrt(D) (ProSona); False is D-Persona's.
   s2.alpha = 1.0  # Weight of L_text.
   s2.beta = 1.0  # Weight of L_sim.

@@ -74,7 +74,8 @@ def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
 
   def step(state: trainer.TrainState, batch, const: stage2.StepConstants):
     rng = jax.random.fold_in(ctx.step_rng, state.step)
-    shared = stage2.shared_forward(ctx.model, const.frozen, batch["image"], rng, s2.num_samples)
+    shared = stage2.shared_forward(ctx.model, const.frozen, batch["image"], rng, s2.num_samples,
+                                   stage2.seg_prompts(rng, const, ctx.config))
     params, opt_state, finite_C, aux = jax.vmap(
         one_cell, in_axes=(0, 0, 0, 0, None, None, None))(
             state.params, state.opt_state, alphas_C, betas_C, shared, batch["masks"], const)

@@ -29,6 +29,21 @@ class Shared(NamedTuple):
   """What every prompt (and every grid cell) of a batch reuses."""
   features_BHWF: jax.Array
   z_BKD: jax.Array
+  seg_prompts_S: jax.Array | None = None  # Prompts decoded for L_seg (None: all of them).
+
+
+def choose_phrasings(rng: jax.Array, rater_P: jax.Array, num_raters: int,
+                     per_rater: int) -> jax.Array:
+  """Indices of `per_rater` random phrasings of every rater (with replacement), rater-major.
+
+  Decoding every phrasing of every rater each step costs P Fcomb passes per image and
+  grid cell; a few per rater give the same expected L_seg at a fraction of the work, while
+  L_text and L_sim still see every phrasing (they need no decoding).
+  """
+  def pick(r):
+    logits_P = jnp.where(rater_P == r, 0.0, -jnp.inf)
+    return jax.random.categorical(jax.random.fold_in(rng, r), logits_P, shape=(per_rater,))
+  return jnp.concatenate([pick(r) for r in range(num_raters)])
 
 
 def build_projector(config: ml_collections.ConfigDict) -> prompt_lib.Projector:
@@ -40,15 +55,22 @@ def init_projector(projector, embed_dim: int, rng: jax.Array):
   return projector.init(rng, jnp.zeros((1, embed_dim), jnp.float32))
 
 
-def shared_forward(model, frozen, image_BHWC: jax.Array, rng: jax.Array,
-                   num_samples: int) -> Shared:
+def shared_forward(model, frozen, image_BHWC: jax.Array, rng: jax.Array, num_samples: int,
+                   seg_prompts_S: jax.Array | None = None) -> Shared:
   """Backbone features (BatchNorm in eval mode) and K reparameterised prior samples."""
   frozen = jax.lax.stop_gradient(frozen)
   feats = model.apply(frozen, image_BHWC, False, method="features")
   mu_BD, log_sigma_BD = model.apply(frozen, image_BHWC, method="prior_dist")
   eps_BKD = jax.random.normal(rng, (mu_BD.shape[0], num_samples, mu_BD.shape[1]), mu_BD.dtype)
   z_BKD = mu_BD[:, None] + jnp.exp(log_sigma_BD)[:, None] * eps_BKD
-  return Shared(feats, z_BKD)
+  return Shared(feats, z_BKD, seg_prompts_S)
+
+
+def decode_prompts(model, frozen, features_BHWF: jax.Array, z_prompt_BPD: jax.Array):
+  """Fcomb logits (B, P, H, W) of per-image prompt latents; the backbone is not re-run."""
+  logits_PBHW = prob_unet.decode_samples(model, frozen["params"], features_BHWF,
+                                         jnp.swapaxes(z_prompt_BPD, 0, 1))
+  return jnp.swapaxes(logits_PBHW, 0, 1)
 
 
 def prompt_logits(model, frozen, projector, proj_params, shared: Shared, emb_PE: jax.Array,
@@ -57,22 +79,30 @@ def prompt_logits(model, frozen, projector, proj_params, shared: Shared, emb_PE:
   z_proj_PD = projector.apply(proj_params, emb_PE)
   z_prompt_BPD, _, scores_BPK = prompt_lib.prompt_latent(
       z_proj_PD, shared.z_BKD, scale_scores=scale_scores)
-  logits_PBHW = prob_unet.decode_samples(model, frozen["params"], shared.features_BHWF,
-                                         jnp.swapaxes(z_prompt_BPD, 0, 1))
-  return jnp.swapaxes(logits_PBHW, 0, 1), z_proj_PD, scores_BPK
+  logits = decode_prompts(model, frozen, shared.features_BHWF, z_prompt_BPD)
+  return logits, z_proj_PD, scores_BPK
 
 
 def cell_loss(proj_params, alpha, beta, *, model, frozen, projector, shared: Shared,
               masks_BRHW: jax.Array, emb_PE: jax.Array, rater_P: jax.Array,
               positive_PP: jax.Array, tau: float, scale_scores: bool, dice_epsilon: float):
-  """L_stage2 = L_seg + alpha L_text + beta L_sim for one projector (one grid cell)."""
-  logits_BPHW, z_proj_PD, scores_BPK = prompt_logits(
-      model, frozen, projector, proj_params, shared, emb_PE, scale_scores=scale_scores)
-  targets_BPHW = jnp.take(masks_BRHW.astype(jnp.float32), rater_P, axis=1)
+  """L_stage2 = L_seg + alpha L_text + beta L_sim for one projector (one grid cell).
+
+  L_text and L_sim use every prompt; L_seg decodes `shared.seg_prompts_S` (all if None).
+  """
+  z_proj_PD = projector.apply(proj_params, emb_PE)
+  z_prompt_BPD, _, scores_BPK = prompt_lib.prompt_latent(
+      z_proj_PD, shared.z_BKD, scale_scores=scale_scores)
+  seg_S = shared.seg_prompts_S
+  if seg_S is None:
+    seg_S = jnp.arange(emb_PE.shape[0])
+  logits_BSHW = decode_prompts(model, frozen, shared.features_BHWF,
+                               jnp.take(z_prompt_BPD, seg_S, axis=1))
+  targets_BSHW = jnp.take(masks_BRHW.astype(jnp.float32), rater_P[seg_S], axis=1)
   # One Dice loss per prompt, pooled over the batch as in Stage 1; mean over prompts.
   seg = jnp.mean(jax.vmap(
       lambda lg, t: losses.dice_loss(lg, t, epsilon=dice_epsilon), in_axes=(1, 1))(
-          logits_BPHW, targets_BPHW))
+          logits_BSHW, targets_BSHW))
   text = contrastive.text_loss(z_proj_PD, positive_PP, tau=tau)
   sim = contrastive.sim_loss(scores_BPK, positive_PP, tau=tau)
   loss = seg + alpha * text + beta * sim
@@ -92,6 +122,15 @@ class StepConstants(NamedTuple):
   positive_PP: jax.Array
 
 
+def seg_prompts(rng: jax.Array, const: StepConstants, config) -> jax.Array | None:
+  """The training prompts this step decodes for L_seg (config.stage2.seg_phrasings_per_rater)."""
+  per_rater = config.stage2.seg_phrasings_per_rater
+  if per_rater <= 0:
+    return None
+  return choose_phrasings(jax.random.fold_in(rng, 7), const.rater_P, config.data.num_raters,
+                          per_rater)
+
+
 def make_train_step(model, projector, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh, base_rng: jax.Array):
   """Compiled `(state, batch, constants) -> (state, metrics)`, state donated."""
@@ -101,7 +140,8 @@ def make_train_step(model, projector, tx: optax.GradientTransformation,
 
   def step(state: trainer.TrainState, batch, const: StepConstants):
     rng = jax.random.fold_in(base_rng, state.step)
-    shared = shared_forward(model, const.frozen, batch["image"], rng, s2.num_samples)
+    shared = shared_forward(model, const.frozen, batch["image"], rng, s2.num_samples,
+                            seg_prompts(rng, const, config))
     grad_fn = jax.value_and_grad(cell_loss, has_aux=True)
     (loss, aux), grads = grad_fn(
         state.params, s2.alpha, s2.beta, frozen=const.frozen, shared=shared,

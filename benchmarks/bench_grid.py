@@ -1,0 +1,143 @@
+r"""Times the (alpha, beta) grid in one program against one cell, and data parallelism.
+
+  python benchmarks/bench_grid.py                 # demo config, 9 cells vs 1 cell
+  python benchmarks/bench_grid.py --devices=1,2,8 # also the Stage-1 step on fake CPU devices
+  python benchmarks/bench_grid.py --set model.backbone=resnet34 --set data.image_size=128 \
+      --set stage2.num_samples=10              # the paper's backbone and size
+
+Part 1: the Stage-2 step of a single cell vs the vmapped step of every grid cell, on the
+same batches (most of a step is the frozen backbone and prior, which the grid runs once).
+Part 2: the Stage-1 data-parallel step at the same global batch on 1, 2 and 8 fake CPU
+devices (`--xla_force_host_platform_device_count`); each count runs in its own process
+because the device count is fixed when JAX starts.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def load_config(config_path: str, overrides: list[str]):
+  """The config of `config_path`, with `key=value` overrides (values as Python literals)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, config_path))
+  cfg_mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg_mod)
+  config = cfg_mod.get_config()
+  for item in overrides:
+    key, value = item.split("=", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    config.update_from_flattened_dict({key: value})
+  return config
+
+
+def _time_steps(step, state, batches, n_warmup: int):
+  import jax  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  for b in batches[:n_warmup]:
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for b in batches[n_warmup:]:
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  return compile_s, (time.perf_counter() - t0) / (len(batches) - n_warmup)
+
+
+def grid_vs_cell(config_path: str, steps: int, warmup: int, overrides: list[str]) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from prosona_jax import grid, parallel, stage1, stage2, stage2_train, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from prosona_jax.data import pipeline, sources, splits  # pylint: disable=g-import-not-at-top,g-multiple-import
+  flags.FLAGS.mark_as_parsed()
+  config = load_config(config_path, overrides)
+  source = sources.source_from_config(config.data)
+  split = splits.make_split(source.patient_ids, fold=0, num_folds=config.data.num_folds,
+                            seed=config.data.split_seed, val_fraction=config.data.val_fraction)
+  mesh = parallel.make_mesh()
+  model = stage1.build_model(config)
+  tx1, _ = stage1.make_optimizer(config.stage1, 1)
+  s1_state = stage1.init_state(model, config, tx1, mesh, jax.random.key(0))
+  with tempfile.TemporaryDirectory() as tmp:
+    ctx = stage2_train.Context(config, tmp, 0, source, split, mesh, (model, s1_state),
+                               stage_dir=tmp)
+    it = iter(pipeline.train_loader(source, split.train, batch_size=ctx.local_bs, seed=0,
+                                    augment_flip=False, augment_rotate=False))
+    batches = [parallel.to_global(next(it), mesh) for _ in range(warmup + steps)]
+    cells = grid.cells_of(config)
+    one = stage2.make_train_step(model, ctx.projector, ctx.tx, config, mesh, ctx.step_rng)
+    one_state = parallel.replicate(trainer.TrainState.create(ctx.init_projector(), ctx.tx), mesh)
+    c1, t1 = _time_steps(lambda s, b: one(s, b, ctx.const), one_state, batches, warmup)
+    many = grid.make_grid_step(ctx, [a for a, _ in cells], [b for _, b in cells])
+    c9, t9 = _time_steps(lambda s, b: many(s, b, ctx.const), grid.init_grid_state(ctx, len(cells)),
+                         batches, warmup)
+  n = len(cells)
+  print(f"Stage-2 step, {config_path}, batch {config.data.batch_size}, "
+        f"{config.data.image_size}x{config.data.image_size}, K={config.stage2.num_samples}, "
+        f"{ctx.num_train_prompts} prompts")
+  print(f"  one cell      : {1e3 * t1:8.1f} ms/step  (first {warmup} steps incl. compile {c1:.1f} s)")
+  print(f"  {n} cells (vmap): {1e3 * t9:8.1f} ms/step  (first {warmup} steps incl. compile {c9:.1f} s)")
+  print(f"  grid / one cell: {t9 / t1:.2f}x the wall time for {n} cells "
+        f"(separate runs: {n:.0f}x); per cell {t9 / t1 / n:.2f}x")
+
+
+def data_parallel(devices: list[int], config_path: str, steps: int) -> None:
+  for n in devices:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+               PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, __file__, "--_dp_child", config_path, str(steps)],
+                         env=env, capture_output=True, text=True, check=False)
+    line = [l for l in out.stdout.splitlines() if l.startswith("DP ")]
+    print(line[0][3:] if line else f"{n} devices: failed\n{out.stderr[-2000:]}")
+
+
+def _dp_child(config_path: str, steps: int) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from prosona_jax import parallel, stage1  # pylint: disable=g-import-not-at-top,g-multiple-import
+  config = load_config(config_path, [])
+  mesh = parallel.make_mesh()
+  model = stage1.build_model(config)
+  tx, _ = stage1.make_optimizer(config.stage1, 10)
+  state = stage1.init_state(model, config, tx, mesh, jax.random.key(0))
+  step = stage1.make_train_step(model, tx, config, mesh, jax.random.key(1))
+  b, s, r = config.data.batch_size, config.data.image_size, config.data.num_raters
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((b, s, s, 1), np.float32),
+           "masks": (rng.random((b, r, s, s)) > 0.7).astype(np.uint8)}
+  batches = [parallel.to_global(batch, mesh) for _ in range(steps + 2)]
+  compile_s, t = _time_steps(step, state, batches, 2)
+  print(f"DP {jax.device_count()} devices: {1e3 * t:8.1f} ms/step at global batch {b} "
+        f"(compile {compile_s:.1f} s)")
+
+
+def main():
+  if len(sys.argv) > 1 and sys.argv[1] == "--_dp_child":
+    _dp_child(sys.argv[2], int(sys.argv[3]))
+    return
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="configs/demo.py")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--devices", default="", help="e.g. 1,2,8 to time data parallelism too")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. --set model.backbone=resnet34 (repeatable)")
+  a = p.parse_args()
+  grid_vs_cell(a.config, a.steps, a.warmup, a.set)
+  if a.devices:
+    data_parallel([int(d) for d in a.devices.split(",")], a.config, a.steps)
+
+
+if __name__ == "__main__":
+  main()
