@@ -29,7 +29,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from prosona_jax import checkpointing
 from prosona_jax import figures
@@ -65,12 +64,8 @@ def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
     (loss, aux), grads = jax.value_and_grad(stage2.cell_loss, has_aux=True)(
         params, alpha, beta, frozen=const.frozen, shared=shared, masks_BRHW=masks,
         emb_PE=const.emb_PE, rater_P=const.rater_P, positive_PP=const.positive_PP, **kw)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return keep(new_params, params), keep(new_opt, opt_state), finite, aux
+    params, opt_state, _, finite = trainer.guarded_update(params, opt_state, grads, loss, tx)
+    return params, opt_state, finite, aux
 
   def step(state: trainer.TrainState, batch, const: stage2.StepConstants):
     rng = jax.random.fold_in(ctx.step_rng, state.step)

@@ -43,6 +43,22 @@ class TrainState(struct.PyTreeNode):
                nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
+def guarded_update(params, opt_state, grads, loss: jax.Array,
+                   tx: optax.GradientTransformation, extra=None, old_extra=None):
+  """`tx` applied to `params`, or nothing when the loss or a gradient is not finite.
+
+  Returns (params, opt_state, extra, finite): `extra` (e.g. new BatchNorm statistics) is
+  kept only when the update is, else `old_extra` is returned.
+  """
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return (keep(new_params, params), keep(new_opt_state, opt_state),
+          keep(extra, old_extra), finite)
+
+
 def apply_update(state: TrainState, grads, loss: jax.Array, tx: optax.GradientTransformation,
                  batch_stats=None) -> TrainState:
   """One optimizer update, skipped when the loss or a gradient is not finite.
@@ -50,18 +66,12 @@ def apply_update(state: TrainState, grads, loss: jax.Array, tx: optax.GradientTr
   A skipped update leaves the state as it was before the bad step and records that step,
   so the host can stop with a message naming it while the last good state is intact.
   """
-  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   if batch_stats is None:
     batch_stats = state.batch_stats
+  params, opt_state, batch_stats, finite = guarded_update(
+      state.params, state.opt_state, grads, loss, tx, batch_stats, state.batch_stats)
   return state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      batch_stats=keep(batch_stats, state.batch_stats),
+      step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
       nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step + 1,
                                state.nonfinite_step),
   )
