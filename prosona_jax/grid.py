@@ -26,6 +26,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,7 +113,7 @@ def run_program(config, workdir: str) -> list[dict]:
         val_fraction=config.data.val_fraction)
     stage1_result = None
     s1_dir = stage2_train.stage1_checkpoint_dir(config, workdir, fold)
-    if not os.path.isdir(s1_dir):
+    if not epath.Path(s1_dir).is_dir():
       logging.info("No Stage-1 checkpoint for fold %d: training Stage 1 first.", fold)
       stage1_result = train.run_stage1(config, workdir, fold, source, split, mesh)
     grid_dir = os.path.join(workdir, f"fold{fold}", "grid")
@@ -153,15 +154,14 @@ def collect_cells(config, workdir: str) -> list[dict]:
   """Reads the eval JSON every separately run cell wrote."""
   rows = []
   for alpha, beta in cells_of(config):
-    eval_dir = os.path.join(cell_dir(workdir, alpha, beta), "eval")
-    found = sorted(f for f in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
-                   if f.startswith("stage2_fold") and f.endswith(".json"))
+    eval_dir = epath.Path(cell_dir(workdir, alpha, beta)) / "eval"
+    found = sorted(f.name for f in (eval_dir.iterdir() if eval_dir.is_dir() else [])
+                   if f.name.startswith("stage2_fold") and f.name.endswith(".json"))
     if not found:
       raise FileNotFoundError(f"grid cell alpha={alpha:g} beta={beta:g}: no results in "
                               f"{eval_dir}; run its command (--mode=commands) first.")
     for fname in found:
-      with open(os.path.join(eval_dir, fname)) as f:
-        rows.append(json.load(f))
+      rows.append(json.loads((eval_dir / fname).read_text()))
   return rows
 
 
@@ -187,10 +187,10 @@ def write_grid(config, workdir: str, rows: list[dict]) -> dict:
                    f"{100 * mean('dice_each_direct'):.2f} |")
   out = {"convention": rows[0]["convention"] if rows else config.eval.convention,
          "alphas": alphas, "betas": betas, "cells": cells}
+  train.write_json(os.path.join(workdir, "grid.json"), out)
+  train.write_text(os.path.join(workdir, "grid.md"),
+                   "# (alpha, beta) grid\n\nMean over folds; Dice in %.\n\n" + "\n".join(lines) + "\n")
   if jax.process_index() == 0:
-    train.write_json(os.path.join(workdir, "grid.json"), out)
-    with open(os.path.join(workdir, "grid.md"), "w") as f:
-      f.write("# (alpha, beta) grid\n\nMean over folds; Dice in %.\n\n" + "\n".join(lines) + "\n")
     figures.heatmap(ged, alphas, betas, os.path.join(workdir, "grid_ged.png"),
                     title=f"GED ({out['convention']}) over (alpha, beta)")
   print("\n".join(lines))

@@ -258,13 +258,17 @@ class PromptBank:
               "heldout": self.heldout, "encoder_name": np.array(self.encoder_name)}
     if self.embeddings is not None:
       arrays["embeddings"] = self.embeddings
-    with open(path, "wb") as f:  # An open file keeps numpy from appending ".npz".
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    path = epath.Path(path)  # Local or remote (gs://) paths alike.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:  # An open file keeps numpy from appending ".npz".
       np.savez(f, **arrays)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "PromptBank":
     """Reads a bank written by `save`."""
-    with np.load(path, allow_pickle=False) as z:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as z:
       emb = z["embeddings"] if "embeddings" in z.files else None
       return cls([str(p) for p in z["prompts"]], z["rater"], z["heldout"], emb,
                  str(z["encoder_name"]))

@@ -7,6 +7,7 @@ Stage-2 checkpoints (`prompt_bank.npz`), so bank prompts work later without the 
 import os
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,7 @@ def load_stage1(config, ckpt_dir: str, mesh):
   repl = parallel.replicated(mesh)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                           jax.eval_shape(init, jax.random.key(0)))
-  if not os.path.isdir(ckpt_dir):
+  if not epath.Path(ckpt_dir).is_dir():
     raise FileNotFoundError(
         f"No Stage-1 checkpoint at {ckpt_dir}: train Stage 1 first (config.stages includes "
         "'stage1') or name one with --config.stage1.checkpoint=DIR.")
@@ -62,7 +63,7 @@ def embedded_bank(config, stage_dir: str) -> bank_lib.PromptBank:
     raise ValueError(f"config.text.prompts has phrasings for {bank.num_raters} raters; "
                      f"config.data.num_raters is {config.data.num_raters}.")
   path = os.path.join(stage_dir, "prompt_bank.npz")
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     cached = bank_lib.PromptBank.load(path)
     if list(cached.prompts) == list(bank.prompts) and cached.embeddings is not None:
       return cached
@@ -71,7 +72,6 @@ def embedded_bank(config, stage_dir: str) -> bank_lib.PromptBank:
   logging.info("Embedding %d prompts with %s.", len(bank), encoder.name)
   bank = bank.embed(encoder)
   if jax.process_index() == 0:
-    os.makedirs(stage_dir, exist_ok=True)
     bank.save(path)
   return bank
 

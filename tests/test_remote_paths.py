@@ -77,3 +77,30 @@ def test_eval_json_summary_and_figures(bucket):
   fig = plt.figure()
   figures._save(fig, f"{bucket}/eval/panel.png")  # pylint: disable=protected-access
   assert epath.Path(f"{bucket}/eval/panel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prompt_bank_cache_and_grid_tables_on_gcs(bucket):
+  from prosona_jax import grid
+  from prosona_jax import prompt_bank
+  from configs import tiny
+  bank = prompt_bank.PromptBank.from_config(tiny.get_config().text.prompts)
+  encoder = type("E", (), {"name": "fake",
+                           "encode": lambda self, p: np.ones((len(p), 3), np.float32)})()
+  bank = bank.embed(encoder)
+  path = f"{bucket}/fold0/stage2/prompt_bank.npz"
+  bank.save(path)
+  again = prompt_bank.PromptBank.load(path)
+  assert list(again.prompts) == list(bank.prompts)
+  np.testing.assert_array_equal(again.embeddings, bank.embeddings)
+  config = tiny.get_config()
+  config.stage2.grid_alpha, config.stage2.grid_beta = (0.0,), (1.0,)
+  row = {"alpha": 0.0, "beta": 1.0, "fold": 0, "convention": "dpersona",
+         "mean": {"ged": 0.5, "dice_soft": 0.5, "dice_match": 0.5, "dice_each_direct": [0.5]}}
+  cell_eval = epath.Path(grid.cell_dir(bucket, 0.0, 1.0)) / "eval"
+  cell_eval.mkdir(parents=True, exist_ok=True)
+  (cell_eval / "stage2_fold0.json").write_text(json.dumps(row))
+  rows = grid.collect_cells(config, bucket)
+  grid.write_grid(config, bucket, rows)
+  assert json.loads((epath.Path(bucket) / "grid.json").read_text())["cells"][0]["alpha"] == 0.0
+  assert "| 0 | 1 |" in (epath.Path(bucket) / "grid.md").read_text()
+  assert (epath.Path(bucket) / "grid_ged.png").exists()
