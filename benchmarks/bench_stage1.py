@@ -11,14 +11,15 @@ With several presets the rounds interleave them, so a noisy neighbour on a share
 hurts all presets alike; the summary gives the min and median over rounds.
 
   python benchmarks/bench_stage1.py                      # batch 8 and 12, + inference
-  python benchmarks/bench_stage1.py --xla_flags=none,default --rounds=3
+  python benchmarks/bench_stage1.py --xla_flags=none,eigen_conv --rounds=3
   python benchmarks/bench_stage1.py --batch_sizes=8 --steps=5 --backbone=unet
-  python benchmarks/bench_stage1.py --xla_flags='--xla_cpu_use_thunk_runtime=true'
+  python benchmarks/bench_stage1.py --xla_flags='--xla_cpu_prefer_vector_width=512'
 
-`--xla_flags` presets: `default` (this project's CPU defaults, `xla_flags.CPU_DEFAULTS`),
-`none` (JAX's own defaults: the project's defaults are not added), or a literal string of
-XLA flags starting with `--` (used as given, without the project's defaults). Separate
-several presets with commas, or with `;` when a literal string holds commas.
+`--xla_flags` presets: `default` (this project's CPU defaults, `xla_flags.CPU_DEFAULTS`;
+currently none), `none` (JAX's own defaults), a name from `xla_flags.CANDIDATES` (e.g.
+`eigen_conv`; added only if the installed jaxlib knows it), or a literal string of XLA
+flags starting with `--` (used as given). Separate several presets with commas, or with
+`;` when a literal string holds commas. `XLA_FLAGS` from the environment is kept in all.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 10, "Prior samples at inferen
 _INFER_CALLS = flags.DEFINE_integer("infer_calls", 30, "Timed sampler calls per round.")
 _INFERENCE = flags.DEFINE_bool("inference", True, "Also time the sampler.")
 _XLA_FLAGS = flags.DEFINE_string(
-    "xla_flags", "default", "Preset(s): default | none | a literal '--xla_...' string; "
-    "comma- or ';'-separated to compare several.")
+    "xla_flags", "default", "Preset(s): default | none | a name from "
+    "xla_flags.CANDIDATES | a literal '--xla_...' string; comma- or ';'-separated to "
+    "compare several.")
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Repeats of every (preset, job), interleaved.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random inputs and parameters.")
 _JSON = flags.DEFINE_string("json", "", "Also write every raw measurement to this file.")
@@ -188,10 +190,13 @@ def _child_env(preset: str) -> dict:
     env["XLA_FLAGS"] = xla_flags.with_cpu_defaults(base)
   elif preset == "none":
     env["XLA_FLAGS"] = base
+  elif preset in xla_flags.CANDIDATES:
+    env["XLA_FLAGS"] = xla_flags.with_cpu_defaults(base, (preset,))
   elif preset.startswith("--"):
     env["XLA_FLAGS"] = (base + " " + preset).strip()
   else:
-    raise app.UsageError(f"--xla_flags preset {preset!r}: expected default, none or '--...'.")
+    raise app.UsageError(f"--xla_flags preset {preset!r}: expected default, none, one of "
+                         f"{sorted(xla_flags.CANDIDATES)} or '--...'.")
   return env
 
 
@@ -248,6 +253,10 @@ def main(argv):
   print("\nSummary (over rounds: min and median of each round's median wall time; CPU = "
         "process CPU time of all threads, less sensitive to a busy machine; "
         "D-Persona = PyTorch 2.13, 2 threads, same CPU)")
+  # D-Persona's figures are for its setting only.
+  comparable = (_BACKBONE.value == "resnet34" and _IMAGE_SIZE.value == 128
+                and _IN_CHANNELS.value == 1 and _NUM_RATERS.value == 4
+                and _BOUND_SAMPLES.value == 10)
   for preset in presets:
     flags_used = results[(preset, jobs[0])][0]["xla_flags"] or "(none)"
     print(f"\npreset {preset!r}: XLA_FLAGS={flags_used}")
@@ -260,17 +269,16 @@ def main(argv):
       if job == "infer":
         ms = [1e3 * statistics.median(x["call_s"]) for x in runs]
         cms = statistics.median(1e3 * statistics.median(x["call_cpu_s"]) for x in runs)
+        cmp = (f" (D-Persona {DPERSONA_INFER_MS:.0f} ms; ratio "
+               f"{statistics.median(ms) / DPERSONA_INFER_MS:.2f}x)"
+               if comparable and _NUM_SAMPLES.value == 10 else "")
         print(f"  inference, {_NUM_SAMPLES.value} samples of 1 image: {_stats(ms)} ms "
-              f"(CPU {cms:.0f} ms) "
-              f"(D-Persona {DPERSONA_INFER_MS:.0f} ms; ratio "
-              f"{statistics.median(ms) / DPERSONA_INFER_MS:.2f}x); compile "
-              f"{_stats(compile_s)} s; {mem}")
+              f"(CPU {cms:.0f} ms){cmp}; compile {_stats(compile_s)} s; {mem}")
       else:
         b = int(job.split(":")[1])
         s = [statistics.median(x["step_s"]) for x in runs]
         cpu = statistics.median(statistics.median(x["step_cpu_s"]) for x in runs)
-        ref = DPERSONA_STEP_S.get(b) if (_BACKBONE.value == "resnet34"
-                                          and _IMAGE_SIZE.value == 128) else None
+        ref = DPERSONA_STEP_S.get(b) if comparable else None
         cmp = (f" (D-Persona {ref:.2f} s/step; ratio {statistics.median(s) / ref:.2f}x)"
                if ref else "")
         print(f"  train batch {b:>3}: {_stats(s)} s/step (CPU {cpu:.3f} s) = "

@@ -19,13 +19,21 @@ import importlib.util
 import mmap
 import os
 
-# (flag, strings the installed XLA must contain for the flag and its value to parse).
-# YNNPACK's convolutions (on by default in jaxlib 0.10) are slower than XLA's own for
-# the ResNet U-Net's weight gradients; keep YNNPACK for dots and elementwise fusions.
-CPU_DEFAULTS: tuple[tuple[str, tuple[bytes, ...]], ...] = (
-    ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-     (b"xla_cpu_experimental_ynn_fusion_type", b"LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")),
-)
+# Flags worth measuring on CPU (`benchmarks/bench_stage1.py --xla_flags=<name>`): the
+# flag, and strings the installed XLA must contain for the flag and its value to parse.
+CANDIDATES: dict[str, tuple[str, tuple[bytes, ...]]] = {
+    # XLA's own (Eigen) convolutions instead of YNNPACK's, YNNPACK kept for dots.
+    "eigen_conv": ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+                   (b"xla_cpu_experimental_ynn_fusion_type",
+                    b"LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")),
+}
+
+# Names from CANDIDATES added to CPU runs. Empty: on a 2-core AMD EPYC (jaxlib 0.10.2)
+# `eigen_conv` speeds up the bare backbone's train step (~0.69 vs 0.80 s) but not the
+# Stage-1 step (1.36 vs 1.31 s at batch 8, 1.99 vs 2.02 s at batch 12; ~10% more CPU
+# time) nor sampling; the other flags tried (YNNPACK off for dots, YNNPACK elementwise
+# and reduce fusions, 512-bit vectors, oneDNN) were no faster or slower.
+CPU_DEFAULTS: tuple[str, ...] = ()
 
 _ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin",
                         "jax_rocm6_plugin", "jax_rocm7_plugin", "jax_plugins")
@@ -66,11 +74,14 @@ def _library_contains(needles: tuple[bytes, ...]) -> bool:
     return False
 
 
-def with_cpu_defaults(xla_flags: str) -> str:
-  """`xla_flags` plus every supported default whose flag it does not already set."""
+def with_cpu_defaults(xla_flags: str, names: tuple[str, ...] | None = None) -> str:
+  """`xla_flags` plus each supported flag of `names` (default CPU_DEFAULTS) it lacks."""
   present = {_flag_name(f) for f in xla_flags.split() if f.startswith("--")}
-  added = [flag for flag, needles in CPU_DEFAULTS
-           if _flag_name(flag) not in present and _library_contains(needles)]
+  added = []
+  for name in CPU_DEFAULTS if names is None else names:
+    flag, needles = CANDIDATES[name]
+    if _flag_name(flag) not in present and _library_contains(needles):
+      added.append(flag)
   return " ".join([xla_flags.strip()] + added).strip()
 
 

@@ -13,22 +13,25 @@ def _names(flags: str) -> list[str]:
 
 def test_with_cpu_defaults_keeps_user_flags(monkeypatch):
   monkeypatch.setattr(xla_flags, "_library_contains", lambda needles: True)
-  flag, _ = xla_flags.CPU_DEFAULTS[0]
+  flag, _ = xla_flags.CANDIDATES["eigen_conv"]
   name = flag.lstrip("-").split("=")[0]
-  assert xla_flags.with_cpu_defaults("") == " ".join(f for f, _ in xla_flags.CPU_DEFAULTS)
+  assert xla_flags.with_cpu_defaults("", ("eigen_conv",)) == flag
   user = f"--xla_dump_to=/tmp/x --{name}=individual_dot"
-  out = xla_flags.with_cpu_defaults(user)
+  out = xla_flags.with_cpu_defaults(user, ("eigen_conv",))
   assert out.startswith(user) and _names(out).count(name) == 1
+  assert all(n in xla_flags.CANDIDATES for n in xla_flags.CPU_DEFAULTS)
 
 
 def test_unsupported_flags_are_skipped(monkeypatch):
   assert not xla_flags._library_contains((b"xla_cpu_no_such_flag_zz9",))
   monkeypatch.setattr(xla_flags, "_library_contains", lambda needles: False)
-  assert xla_flags.with_cpu_defaults("--xla_dump_to=/tmp/x") == "--xla_dump_to=/tmp/x"
+  assert xla_flags.with_cpu_defaults("--xla_dump_to=/tmp/x", ("eigen_conv",)) == (
+      "--xla_dump_to=/tmp/x")
 
 
 def test_set_cpu_defaults_respects_opt_out_and_platform(monkeypatch):
   monkeypatch.setattr(xla_flags, "_library_contains", lambda needles: True)
+  monkeypatch.setattr(xla_flags, "CPU_DEFAULTS", ("eigen_conv",))
   monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
   monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
   assert xla_flags.set_cpu_defaults() == "--xla_dump_to=/tmp/x"
@@ -39,11 +42,13 @@ def test_set_cpu_defaults_respects_opt_out_and_platform(monkeypatch):
   assert xla_flags.set_cpu_defaults() == os.environ["XLA_FLAGS"] != "--xla_dump_to=/tmp/x"
 
 
-def test_installed_jaxlib_accepts_the_defaults():
-  """XLA aborts on an unknown flag: start a CPU backend with whatever would be added."""
+def test_installed_jaxlib_accepts_the_candidates():
+  """XLA aborts on an unknown flag: start a CPU backend with every candidate that passes."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PROSONA_XLA_DEFAULTS="1")
-  code = ("from prosona_jax import xla_flags; xla_flags.set_cpu_defaults(); import jax, "
-          "jax.numpy as jnp; print(float(jnp.ones(3).sum()))")
+  code = ("import os; from prosona_jax import xla_flags; os.environ['XLA_FLAGS'] = "
+          "xla_flags.with_cpu_defaults('', tuple(xla_flags.CANDIDATES)); "
+          "xla_flags.set_cpu_defaults(); import jax, jax.numpy as jnp; "
+          "print(float(jnp.ones(3).sum()))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        check=True)
