@@ -52,11 +52,21 @@ def guarded_update(params, opt_state, grads, loss: jax.Array,
   """
   finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  return (keep(new_params, params), keep(new_opt_state, opt_state),
-          keep(extra, old_extra), finite)
+
+  # lax.cond rather than jnp.where over every array: same result, a fraction of the
+  # compile time and memory (where keeps both the old and the new copy of everything).
+  def update(op):
+    params, opt_state, grads, extra, _ = op
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, extra
+
+  def skip(op):
+    params, opt_state, _, _, old_extra = op
+    return params, opt_state, old_extra
+
+  params, opt_state, extra = jax.lax.cond(finite, update, skip,
+                                          (params, opt_state, grads, extra, old_extra))
+  return params, opt_state, extra, finite
 
 
 def apply_update(state: TrainState, grads, loss: jax.Array, tx: optax.GradientTransformation,
