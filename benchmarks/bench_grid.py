@@ -42,20 +42,28 @@ def load_config(config_path: str, overrides: list[str]):
 
 
 def _time_steps(step, state, batches, n_warmup: int):
+  """(seconds for the warm-up steps incl. compilation, median seconds per later step).
+
+  Each timed step is waited for; the median keeps a busy neighbour's spikes out.
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   for b in batches[:n_warmup]:
     state, m = step(state, b)
-  jax.block_until_ready(m)
+  jax.block_until_ready((state, m))
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  times = []
   for b in batches[n_warmup:]:
+    t0 = time.perf_counter()
     state, m = step(state, b)
-  jax.block_until_ready(m)
-  return compile_s, (time.perf_counter() - t0) / (len(batches) - n_warmup)
+    jax.block_until_ready((state, m))
+    times.append(time.perf_counter() - t0)
+  return compile_s, float(np.median(times))
 
 
-def grid_vs_cell(config_path: str, steps: int, warmup: int, overrides: list[str]) -> None:
+def grid_vs_cell(config_path: str, steps: int, warmup: int, overrides: list[str],
+                 cells_per_pass: list[int]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from prosona_jax import grid, parallel, stage1, stage2, stage2_train, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
@@ -79,17 +87,24 @@ def grid_vs_cell(config_path: str, steps: int, warmup: int, overrides: list[str]
     one = stage2.make_train_step(model, ctx.projector, ctx.tx, config, mesh, ctx.step_rng)
     one_state = parallel.replicate(trainer.TrainState.create(ctx.init_projector(), ctx.tx), mesh)
     c1, t1 = _time_steps(lambda s, b: one(s, b, ctx.const), one_state, batches, warmup)
-    many = grid.make_grid_step(ctx, [a for a, _ in cells], [b for _, b in cells])
-    c9, t9 = _time_steps(lambda s, b: many(s, b, ctx.const), grid.init_grid_state(ctx, len(cells)),
-                         batches, warmup)
+    grid_times = []
+    for per_pass in cells_per_pass or [0]:
+      ctx.config.stage2.grid_cells_per_pass = per_pass
+      used = grid.grid_cells_per_pass(ctx.config, len(cells))
+      many = grid.make_grid_step(ctx, [a for a, _ in cells], [b for _, b in cells])
+      grid_times.append((per_pass, used, *_time_steps(
+          lambda s, b: many(s, b, ctx.const), grid.init_grid_state(ctx, len(cells)),
+          batches, warmup)))
   n = len(cells)
-  print(f"Stage-2 step, {config_path}, batch {config.data.batch_size}, "
+  print(f"Stage-2 step on {jax.default_backend()}, {config_path}, batch {config.data.batch_size}, "
         f"{config.data.image_size}x{config.data.image_size}, K={config.stage2.num_samples}, "
         f"{ctx.num_train_prompts} prompts")
-  print(f"  one cell      : {1e3 * t1:8.1f} ms/step  (first {warmup} steps incl. compile {c1:.1f} s)")
-  print(f"  {n} cells (vmap): {1e3 * t9:8.1f} ms/step  (first {warmup} steps incl. compile {c9:.1f} s)")
-  print(f"  grid / one cell: {t9 / t1:.2f}x the wall time for {n} cells "
-        f"(separate runs: {n:.0f}x); per cell {t9 / t1 / n:.2f}x")
+  print(f"  one cell               : {1e3 * t1:8.1f} ms/step  "
+        f"(first {warmup} steps incl. compile {c1:.1f} s)")
+  for per_pass, used, c9, t9 in grid_times:
+    label = f"{n} cells, {used}/pass" + (" (auto)" if per_pass == 0 else "")
+    print(f"  {label:23s}: {1e3 * t9:8.1f} ms/step  (first {warmup} steps incl. compile "
+          f"{c9:.1f} s)  = {t9 / t1:.2f}x one cell (separate runs: {n}x)")
 
 
 def data_parallel(devices: list[int], config_path: str, steps: int) -> None:
@@ -130,11 +145,14 @@ def main():
   p.add_argument("--config", default="configs/demo.py")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--cells_per_pass", default="0",
+                 help="comma-separated stage2.grid_cells_per_pass values to time (0: auto)")
   p.add_argument("--devices", default="", help="e.g. 1,2,8 to time data parallelism too")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set model.backbone=resnet34 (repeatable)")
   a = p.parse_args()
-  grid_vs_cell(a.config, a.steps, a.warmup, a.set)
+  grid_vs_cell(a.config, a.steps, a.warmup, a.set,
+               [int(c) for c in a.cells_per_pass.split(",") if c])
   if a.devices:
     data_parallel([int(d) for d in a.devices.split(",")], a.config, a.steps)
 

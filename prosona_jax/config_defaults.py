@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   s2.max_steps = -1  # Stop after this many steps (-1: epochs decide).
   s2.grid_alpha = (0.0, 0.5, 1.0)  # Ablation grid values of alpha (paper Fig. 5).
   s2.grid_beta = (0.0, 0.5, 1.0)  # Ablation grid values of beta.
+  s2.grid_cells_per_pass = 0  # Grid cells vmapped together per pass (0: auto, see grid.py).
 
   # ---------------------------------------------------------------- text encoder
   t = c.text = ml_collections.ConfigDict()

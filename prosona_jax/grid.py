@@ -2,7 +2,8 @@ r"""The (alpha, beta) ablation grid of the paper's Fig. 5.
 
 In one program (default): every cell's projector trains together, vmapped over a cell
 axis, on one shared Stage-1 model and one shared stream of batches, so the frozen backbone
-and the prior run once per batch for all cells. Cells stay independent: each sees the
+and the prior run once per batch for all cells (the per-cell part runs in passes of
+`stage2.grid_cells_per_pass` vmapped cells; see `grid_cells_per_pass`). Cells stay independent: each sees the
 batches, prior samples and initialisation it would see alone, so a cell equals the run of
 that cell by itself.
 
@@ -53,6 +54,18 @@ def cell_dir(workdir: str, alpha: float, beta: float) -> str:
   return os.path.join(workdir, "cells", f"alpha{alpha:g}_beta{beta:g}")
 
 
+def grid_cells_per_pass(config, num_cells: int) -> int:
+  """How many cells one pass of the grid step vmaps (`stage2.grid_cells_per_pass`).
+
+  0 (auto): every cell at once on accelerators; one at a time on CPU, where the vmapped
+  Fcomb decode of all cells outgrows the caches and runs memory-bound (`python
+  benchmarks/bench_grid.py --cells_per_pass=1,3,9`). Either way the frozen backbone and
+  prior run once per batch for all cells, and every cell computes what it would alone.
+  """
+  return parallel.items_per_pass(config.stage2.grid_cells_per_pass, num_cells,
+                                 "config.stage2.grid_cells_per_pass")
+
+
 def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
   """Compiled step training every cell at once on one shared forward pass."""
   s2, tx = ctx.config.stage2, ctx.tx
@@ -60,6 +73,8 @@ def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
             dice_epsilon=ctx.config.stage1.dice_epsilon)
   alphas_C = jnp.asarray(alphas_C, jnp.float32)
   betas_C = jnp.asarray(betas_C, jnp.float32)
+  num_cells = len(alphas_C)
+  cells_per_pass = grid_cells_per_pass(ctx.config, num_cells)
 
   def one_cell(params, opt_state, alpha, beta, shared, masks, const):
     (loss, aux), grads = jax.value_and_grad(stage2.cell_loss, has_aux=True)(
@@ -72,9 +87,9 @@ def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
     rng = jax.random.fold_in(ctx.step_rng, state.step)
     shared = stage2.shared_forward(ctx.model, const.frozen, batch["image"], rng, s2.num_samples,
                                    stage2.seg_prompts(rng, const, ctx.config))
-    params, opt_state, finite_C, aux = jax.vmap(
-        one_cell, in_axes=(0, 0, 0, 0, None, None, None))(
-            state.params, state.opt_state, alphas_C, betas_C, shared, batch["masks"], const)
+    params, opt_state, finite_C, aux = parallel.map_in_passes(
+        lambda xs: one_cell(*xs, shared, batch["masks"], const),
+        (state.params, state.opt_state, alphas_C, betas_C), cells_per_pass, num_cells)
     bad = ~jnp.all(finite_C) & (state.nonfinite_step < 0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step))
@@ -129,8 +144,8 @@ def run_program(config, workdir: str) -> list[dict]:
                         ckpt=ckpt, writer=writer, mesh=mesh, lr_fn=ctx.lr_fn)
     ckpt.close()
     writer.close()
-    for c, (alpha, beta) in enumerate(cells):
-      result, *_ = ctx.test(cell_params(state, c))
+    results = ctx.test_cells([cell_params(state, c) for c in range(len(cells))])
+    for result, (alpha, beta) in zip(results, cells):
       result.update(alpha=alpha, beta=beta)
       rows.append(result)
   return rows

@@ -14,6 +14,31 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def items_per_pass(configured: int, num_items: int, what: str) -> int:
+  """How many of `num_items` independent items (grid cells, prompts) one pass vmaps.
+
+  `configured` > 0 is taken as given (capped at `num_items`); 0 means auto: every item at
+  once on accelerators, one per pass on CPU, where vmapping many of Fcomb's full-size
+  decodes outgrows the caches and runs memory-bound (`benchmarks/bench_grid.py`).
+  """
+  if configured < 0:
+    raise ValueError(f"{what} must be >= 0 (0: auto), got {configured}.")
+  if configured == 0:
+    configured = 1 if jax.default_backend() == "cpu" else num_items
+  return max(1, min(configured, num_items))
+
+
+def map_in_passes(fn, xs, per_pass: int, num_items: int):
+  """`jax.vmap(fn)(xs)` over the leading axis, run `per_pass` items at a time.
+
+  All at once is a plain vmap; fewer is `jax.lax.map` with `batch_size` (vmapped passes
+  one after the other). The results are the same, up to float rounding.
+  """
+  if per_pass >= num_items:
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=per_pass)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -170,6 +170,26 @@ class Context:
                   num_samples=int(self.config.stage2.eval_num_samples), keys=keys)
     return result, labels, probs, keys
 
+  def test_cells(self, params_per_cell) -> list[dict]:
+    """`test` of several projectors (grid cells): the backbone, the prior and the data
+    pipeline run once for all of them; each result equals that projector's `test`."""
+    c = self.config
+    cached = stage2.shared_eval(
+        stage2.make_shared_fn(self.model, self.mesh, num_samples=c.stage2.eval_num_samples),
+        self.frozen, pipeline.eval_batches(self.source, self.split.test,
+                                           batch_size=self.eval_batch_size),
+        self.mesh, jax.random.fold_in(self.eval_rng, 1))
+    decode_fn = stage2.make_prompt_decoder(self.model, self.projector, self.mesh,
+                                           scale_scores=c.stage2.scale_scores)
+    results = []
+    for proj_params in params_per_cell:
+      probs = stage2.predict_shared(decode_fn, self.frozen, proj_params, cached, self.emb_all)
+      result = score_prompts(cached.labels, probs, self.bank, c.eval.convention)
+      result.update(stage="stage2", fold=self.fold, num_samples=int(c.stage2.eval_num_samples),
+                    keys=cached.keys)
+      results.append(result)
+    return results
+
   def loop_config(self, name: str) -> trainer.LoopConfig:
     s2 = self.config.stage2
     return trainer.LoopConfig(

@@ -146,3 +146,25 @@ def test_exports_one_cell_of_a_grid_checkpoint(tiny_run, trained, tmp_path):
   assert run.source["alpha"] == 0.5 and run.source["beta"] == 0.5
   np.testing.assert_array_equal(run.weights["projector/params/out/bias"],
                                 np.asarray(proj["params"]["out"]["bias"]) + 4)
+
+
+def test_predictor_prompt_passes_agree(trained):
+  """Decoding the prompts one per pass, three per pass or all at once: the same masks."""
+  config, model, state, proj = trained
+  projector = stage2.build_projector(config)
+  mesh = parallel.make_mesh()
+  frozen = stage2.frozen_from_state(state)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((2, 32, 32, 1), np.float32))
+  embed_dim = proj["params"]["hidden"]["kernel"].shape[0]
+  emb = jnp.asarray(rng.normal(size=(7, embed_dim)), jnp.float32)
+  out = {}
+  for per_pass in (1, 3, 7):
+    fn = stage2.make_predictor(model, projector, mesh, num_samples=5, scale_scores=True,
+                               prompts_per_pass=per_pass)
+    out[per_pass] = np.asarray(fn(frozen, proj, images, emb, jax.random.key(3)))
+  assert out[7].shape == (2, 7, 32, 32)
+  # Different prompts give different masks, so a pass that repeated one would show.
+  assert np.abs(out[7][:, 0] - out[7][:, 1]).max() > 1e-4
+  for per_pass in (1, 3):
+    np.testing.assert_allclose(out[per_pass], out[7], atol=1e-6)

@@ -11,8 +11,10 @@ from configs import tiny
 from prosona_jax import checkpointing
 from prosona_jax import grid
 from prosona_jax import parallel
+from prosona_jax import stage2
 from prosona_jax import stage2_train
 from prosona_jax import train
+from prosona_jax.data import pipeline
 from prosona_jax.data import sources
 from prosona_jax.data import splits
 
@@ -99,3 +101,68 @@ def test_commands_and_merge(setup):
   # Without the cells' results, merging says which cell is missing.
   with pytest.raises(FileNotFoundError, match="alpha=0 beta=0.5"):
     grid.collect_cells(config, workdir)
+
+
+def test_cells_per_pass_do_not_change_results(setup):
+  """Cells vmapped all at once and one per pass (lax.map) train to the same parameters."""
+  config, workdir, source, split, mesh, *_ = setup
+  config = config.copy_and_resolve_references()  # The fixture's config stays as it is.
+  ctx = stage2_train.Context(config, workdir, 0, source, split, mesh,
+                             stage_dir=os.path.join(workdir, "fold0", "grid"))
+  batch = parallel.to_global(next(iter(ctx.iterator())), mesh)
+  finals = {}
+  for per_pass in (1, 2):
+    ctx.config.stage2.grid_cells_per_pass = per_pass
+    assert grid.grid_cells_per_pass(ctx.config, 2) == per_pass
+    step = grid.make_grid_step(ctx, [0.0, 1.0], [0.5, 0.5])
+    state = grid.init_grid_state(ctx, 2)
+    for _ in range(3):
+      state, metrics = step(state, batch, ctx.const)
+    finals[per_pass] = jax.tree.map(np.asarray, state.params)
+    assert np.isfinite(float(metrics["loss"]))
+  for a, b in zip(jax.tree.leaves(finals[1]), jax.tree.leaves(finals[2])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The two cells differ (alpha 0 vs 1), so a swapped or shared cell would be caught.
+  cell0 = jax.tree.leaves(jax.tree.map(lambda x: x[0], finals[1]))
+  cell1 = jax.tree.leaves(jax.tree.map(lambda x: x[1], finals[1]))
+  assert max(float(np.abs(a - b).max()) for a, b in zip(cell0, cell1)) > 1e-6
+  with pytest.raises(ValueError, match="grid_cells_per_pass"):
+    ctx.config.stage2.grid_cells_per_pass = -1
+    grid.grid_cells_per_pass(ctx.config, 2)
+
+
+def test_test_cells_equals_test_of_each_cell(setup):
+  """Scoring cells on one shared backbone pass gives each cell's own `test` result."""
+  config, workdir, source, split, mesh, *_ = setup
+  ctx = stage2_train.Context(config, workdir, 0, source, split, mesh,
+                             stage_dir=os.path.join(workdir, "fold0", "grid"))
+  base = ctx.init_projector()
+  # Two clearly different projectors: the base and one with its output layer flipped.
+  other = jax.tree.map(lambda x: x, base)
+  other["params"]["out"]["kernel"] = -base["params"]["out"]["kernel"]
+  together = ctx.test_cells([base, other])
+  assert len(together) == 2
+  for got, proj in zip(together, (base, other)):
+    want, *_ = ctx.test(proj)
+    assert got["keys"] == want["keys"]
+    for key in ("ged", "dice_soft", "dice_match", "prompt_rater_dice", "prompt_mean_area"):
+      np.testing.assert_allclose(got["mean"][key], want["mean"][key], atol=1e-6)
+    assert [p["direct_dice"] for p in got["prompts"]] == pytest.approx(
+        [p["direct_dice"] for p in want["prompts"]], abs=1e-6)
+  # The probabilities themselves (the tiny model's masks may all be empty at 0.5).
+  c = ctx.config
+  cached = stage2.shared_eval(
+      stage2.make_shared_fn(ctx.model, mesh, num_samples=c.stage2.eval_num_samples),
+      ctx.frozen, pipeline.eval_batches(source, split.test, batch_size=ctx.eval_batch_size),
+      mesh, jax.random.fold_in(ctx.eval_rng, 1))
+  decode_fn = stage2.make_prompt_decoder(ctx.model, ctx.projector, mesh,
+                                         scale_scores=c.stage2.scale_scores)
+  probs = []
+  for proj in (base, other):
+    got = stage2.predict_shared(decode_fn, ctx.frozen, proj, cached, ctx.emb_all)
+    labels, want, keys = ctx.predict(proj, split.test, jax.random.fold_in(ctx.eval_rng, 1))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_array_equal(cached.labels, labels)
+    assert cached.keys == keys
+    probs.append(got)
+  assert np.abs(probs[0] - probs[1]).max() > 1e-4
