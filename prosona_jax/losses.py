@@ -53,9 +53,12 @@ def dice_loss(logits: jax.Array, targets: jax.Array, *, channel_axis: int | None
   if p_CN.shape[0] == 1:
     p_CN = jnp.concatenate([p_CN, 1.0 - p_CN])
     t_CN = jnp.concatenate([t_CN, 1.0 - t_CN])
-  intersect_C = jnp.sum(p_CN * t_CN, axis=-1)
-  denom_C = jnp.sum(p_CN + t_CN, axis=-1)
+  # The intersection as a contraction: XLA's CPU backend runs it as a dot, ~3x faster
+  # (forward + backward) than a multiply-then-reduce over the same pixels. HIGHEST keeps
+  # GPUs from rounding its inputs to TF32.
+  intersect_C = jnp.einsum("cn,cn->c", p_CN, t_CN, precision=jax.lax.Precision.HIGHEST)
   t_sum_C = jnp.sum(t_CN, axis=-1)
+  denom_C = jnp.sum(p_CN, axis=-1) + t_sum_C
   denom_C = jnp.maximum(denom_C, epsilon * jnp.maximum(t_sum_C**2, epsilon))
   return 1.0 - jnp.mean(2.0 * intersect_C / denom_C)
 
