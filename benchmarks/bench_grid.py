@@ -4,12 +4,18 @@ r"""Times the (alpha, beta) grid in one program against one cell, and data paral
   python benchmarks/bench_grid.py --devices=1,2,8 # also the Stage-1 step on fake CPU devices
   python benchmarks/bench_grid.py --set model.backbone=resnet34 --set data.image_size=128 \
       --set stage2.num_samples=10              # the paper's backbone and size
+  python benchmarks/bench_grid.py --end_to_end=DIR/fold{fold}/stage1/checkpoints
+      # whole `python -m prosona_jax.grid` runs: every cell vs one cell (same program)
 
 Part 1: the Stage-2 step of a single cell vs the vmapped step of every grid cell, on the
 same batches (most of a step is the frozen backbone and prior, which the grid runs once).
 Part 2: the Stage-1 data-parallel step at the same global batch on 1, 2 and 8 fake CPU
 devices (`--xla_force_host_platform_device_count`); each count runs in its own process
 because the device count is fixed when JAX starts.
+Part 3 (`--end_to_end=STAGE1_CHECKPOINTS`): the wall time of whole grid runs (start-up,
+text encoder, training, scoring every cell, grid.json), all cells against one cell, on a
+trained Stage-1 checkpoint (e.g. `python -m prosona_jax.main --config=configs/demo.py
+--workdir=runs/demo --config.stages=stage1`); each run starts from an empty workdir.
 """
 
 import argparse
@@ -137,6 +143,32 @@ def _dp_child(config_path: str, steps: int) -> None:
         f"(compile {compile_s:.1f} s)")
 
 
+def end_to_end(config_path: str, stage1_checkpoints: str, repeats: int) -> None:
+  """Wall time of `python -m prosona_jax.grid` with every cell and with one cell."""
+  config = load_config(config_path, [])
+  alpha, beta = config.stage2.grid_alpha[-1], config.stage2.grid_beta[-1]
+  n = len(config.stage2.grid_alpha) * len(config.stage2.grid_beta)
+  runs = {f"{n} cells": [],
+          "1 cell": [f"--config.stage2.grid_alpha=({alpha!r},)",
+                     f"--config.stage2.grid_beta=({beta!r},)"]}
+  times = {name: [] for name in runs}
+  for rep in range(repeats):
+    for name, extra in runs.items():
+      with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "prosona_jax.grid", f"--config={config_path}",
+               f"--workdir={tmp}", f"--config.stage1.checkpoint={stage1_checkpoints}", *extra]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        times[name].append(time.perf_counter() - t0)
+        if out.returncode:
+          sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+      print(f"  run {rep + 1}: {name}: {times[name][-1]:.1f} s", flush=True)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  many, one = (float(np.median(times[k])) for k in runs)
+  print(f"Whole grid runs on {config_path} (median of {repeats}): {n} cells {many:.1f} s, "
+        f"1 cell {one:.1f} s = {many / one:.2f}x (separate runs: {n}x)")
+
+
 def main():
   if len(sys.argv) > 1 and sys.argv[1] == "--_dp_child":
     _dp_child(sys.argv[2], int(sys.argv[3]))
@@ -148,9 +180,15 @@ def main():
   p.add_argument("--cells_per_pass", default="0",
                  help="comma-separated stage2.grid_cells_per_pass values to time (0: auto)")
   p.add_argument("--devices", default="", help="e.g. 1,2,8 to time data parallelism too")
+  p.add_argument("--end_to_end", default="", metavar="STAGE1_CHECKPOINTS",
+                 help="time whole grid runs on this Stage-1 checkpoint folder ({fold} allowed)")
+  p.add_argument("--repeats", type=int, default=3, help="whole runs per variant (median)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set model.backbone=resnet34 (repeatable)")
   a = p.parse_args()
+  if a.end_to_end:
+    end_to_end(a.config, a.end_to_end, a.repeats)
+    return
   grid_vs_cell(a.config, a.steps, a.warmup, a.set,
                [int(c) for c in a.cells_per_pass.split(",") if c])
   if a.devices:
