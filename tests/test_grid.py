@@ -14,6 +14,7 @@ from prosona_jax import parallel
 from prosona_jax import stage2
 from prosona_jax import stage2_train
 from prosona_jax import train
+from prosona_jax import trainer
 from prosona_jax.data import pipeline
 from prosona_jax.data import sources
 from prosona_jax.data import splits
@@ -166,3 +167,34 @@ def test_test_cells_equals_test_of_each_cell(setup):
     assert cached.keys == keys
     probs.append(got)
   assert np.abs(probs[0] - probs[1]).max() > 1e-4
+
+
+def test_interrupted_grid_resumes_to_the_same_result(setup, monkeypatch):
+  """A grid preempted after step 3 resumes from its checkpoint and ends where an
+  uninterrupted grid ends (the fixture's), with every cell scored."""
+  config, workdir, *_ = setup
+  config = config.copy_and_resolve_references()
+  config.stage1.checkpoint = os.path.join(workdir, "fold{fold}", "stage1", "checkpoints")
+  resumed_dir = os.path.join(workdir, "preempted")
+  monkeypatch.setenv("PROSONA_FAULT_SIGTERM_AT_STEP", "3")
+  with pytest.raises(trainer.Preempted) as stopped:
+    grid.run_program(config, resumed_dir)
+  assert stopped.value.step == 3 and stopped.value.code == 143
+  grid_ckpts = os.path.join(resumed_dir, "fold0", "grid", "checkpoints")
+  ckpt = checkpointing.Checkpointer(grid_ckpts)
+  assert ckpt.latest_step() == 3
+  ckpt.close()
+  monkeypatch.delenv("PROSONA_FAULT_SIGTERM_AT_STEP")
+  rows = grid.run_program(config, resumed_dir)
+  assert len(rows) == 2
+  ctx = stage2_train.Context(config, workdir, 0, *setup[2:5],
+                             stage_dir=os.path.join(workdir, "fold0", "grid"))
+  target = grid.init_grid_state(ctx, 2)
+  resumed = _restore_params(grid_ckpts, target)
+  straight = _restore_params(os.path.join(workdir, "fold0", "grid", "checkpoints"), target)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  straight_rows = setup[5]
+  for got, want in zip(rows, straight_rows):
+    assert (got["alpha"], got["beta"]) == (want["alpha"], want["beta"])
+    np.testing.assert_allclose(got["mean"]["ged"], want["mean"]["ged"], atol=1e-6)
