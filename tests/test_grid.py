@@ -198,3 +198,23 @@ def test_interrupted_grid_resumes_to_the_same_result(setup, monkeypatch):
   for got, want in zip(rows, straight_rows):
     assert (got["alpha"], got["beta"]) == (want["alpha"], want["beta"])
     np.testing.assert_allclose(got["mean"]["ged"], want["mean"]["ged"], atol=1e-6)
+
+
+def test_separate_cell_jobs_merge_into_the_same_grid(setup):
+  """Cells run as separate jobs (what `--mode=commands` prints), then `--mode=merge`:
+  grid.json and the heatmap, with the scores of the one-program grid."""
+  config, workdir, source, split, mesh, rows, _ = setup
+  jobs_dir = os.path.join(workdir, "jobs")
+  for alpha, beta in grid.cells_of(config):
+    cell = config.copy_and_resolve_references()  # What each printed command sets.
+    cell.stage2.alpha, cell.stage2.beta = alpha, beta
+    cell.stages = ("stage2",)
+    cell.stage1.checkpoint = os.path.join(workdir, "fold{fold}", "stage1", "checkpoints")
+    stage2_train.run_stage2(cell, grid.cell_dir(jobs_dir, alpha, beta), 0, source, split, mesh)
+  merged = grid.write_grid(config, jobs_dir, grid.collect_cells(config, jobs_dir))
+  with open(os.path.join(jobs_dir, "grid.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(merged))
+  assert os.path.getsize(os.path.join(jobs_dir, "grid_ged.png")) > 1000
+  for cell in merged["cells"]:
+    program = [r for r in rows if (r["alpha"], r["beta"]) == (cell["alpha"], cell["beta"])]
+    np.testing.assert_allclose(cell["folds"][0]["ged"], program[0]["mean"]["ged"], atol=1e-5)
