@@ -31,13 +31,13 @@ from typing import Any, Mapping
 
 from absl import app
 from absl import flags
-from absl import logging
 from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
 
 from prosona_jax import inference
+from prosona_jax import logger
 from prosona_jax.inference import InferenceError
 from prosona_jax.models import pretrained
 
@@ -278,9 +278,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax and XLA log dozens of INFO lines.
+  logger.start_cli(argv, progress=False)
   f = flags.FLAGS
   if not f.checkpoint or not f.out:
     raise app.UsageError("--checkpoint and --out are required.")

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from jax import export as jax_export
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from prosona_jax import inference
+from prosona_jax import logger
 
 FORMAT = "prosona_jax.export"
 FORMAT_VERSION = 1
@@ -224,9 +224,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax and XLA log dozens of INFO lines.
+  logger.start_cli(argv, progress=False)
   f = flags.FLAGS
   if not f.workdir or not f.out:
     raise app.UsageError("--workdir and --out are required.")

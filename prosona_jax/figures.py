@@ -25,12 +25,12 @@ def _show(ax, image_HWC, mask_HW=None, title=None, color=(1.0, 0.2, 0.2)):
   ax.set_axis_off()
 
 
-def _save(fig, path: str) -> str:
-  """Saves to a local or gs:// path (etils.epath); the format comes from the suffix."""
+def save(fig, path: str, dpi: int = 110) -> str:
+  """Saves and closes `fig`; local or gs:// path (etils.epath), format from the suffix."""
   out = epath.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
   with out.open("wb") as f:
-    fig.savefig(f, format=out.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    fig.savefig(f, format=out.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
   plt.close(fig)
   return path
 
@@ -57,7 +57,7 @@ def samples_panel(images, labels, preds, keys: Sequence[str], path: str,
       _show(axes[row, 1 + r + j], images[row], binary[k],
             f"sample ({binary[k].sum()} px)" if row == 0 else f"{binary[k].sum()} px")
   fig.suptitle("Prior samples, ordered by area (green: raters, red: samples)", fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def prompt_panel(images, labels, preds, keys: Sequence[str], prompts: Sequence[str], path: str,
@@ -82,7 +82,7 @@ def prompt_panel(images, labels, preds, keys: Sequence[str], prompts: Sequence[s
       title = _wrap(prompts[j]) if row == 0 else None
       _show(axes[row, 3 + r + j], images[row], preds[row, j] > 0.5, title)
   fig.suptitle("Raters (green) and the prediction for each rater's prompt (red)", fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def interpolation_strip(image, probs_THW, alphas: Sequence[float], prompt_a: str,
@@ -94,7 +94,7 @@ def interpolation_strip(image, probs_THW, alphas: Sequence[float], prompt_a: str
     m = np.asarray(probs_THW[j]) > 0.5
     _show(axes[0, j], image, m, f"t={a:.2f}\n{int(m.sum())} px")
   fig.suptitle(f"'{prompt_a}'  ->  '{prompt_b}'", fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def heatmap(values_AB, alphas: Sequence[float], betas: Sequence[float], path: str,
@@ -112,7 +112,7 @@ def heatmap(values_AB, alphas: Sequence[float], betas: Sequence[float], path: st
       ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=7, color="w")
   fig.colorbar(im, ax=ax)
   ax.set_title(title, fontsize=9)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _wrap(text: str, width: int = 18) -> str:

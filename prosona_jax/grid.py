@@ -3,9 +3,9 @@ r"""The (alpha, beta) ablation grid of the paper's Fig. 5.
 In one program (default): every cell's projector trains together, vmapped over a cell
 axis, on one shared Stage-1 model and one shared stream of batches, so the frozen backbone
 and the prior run once per batch for all cells (the per-cell part runs in passes of
-`stage2.grid_cells_per_pass` vmapped cells; see `grid_cells_per_pass`). Cells stay independent: each sees the
-batches, prior samples and initialisation it would see alone, so a cell equals the run of
-that cell by itself.
+`stage2.grid_cells_per_pass` vmapped cells; see `grid_cells_per_pass`). Cells stay
+independent: each sees the batches, prior samples and initialisation it would see alone,
+so a cell equals the run of that cell by itself.
 
   python -m prosona_jax.grid --config=configs/lidc.py:fold=-1 --workdir=runs/grid
 
@@ -90,10 +90,8 @@ def make_grid_step(ctx: stage2_train.Context, alphas_C, betas_C):
     params, opt_state, finite_C, aux = parallel.map_in_passes(
         lambda xs: one_cell(*xs, shared, batch["masks"], const),
         (state.params, state.opt_state, alphas_C, betas_C), cells_per_pass, num_cells)
-    bad = ~jnp.all(finite_C) & (state.nonfinite_step < 0)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step))
-    metrics = {f"{k}/cell{c}": v[c] for k, v in aux.items() for c in range(len(alphas_C))}
+    new_state = state.advanced(jnp.all(finite_C), params=params, opt_state=opt_state)
+    metrics = {f"{k}/cell{c}": v[c] for k, v in aux.items() for c in range(num_cells)}
     metrics["loss"] = aux["loss"].mean()
     return new_state, metrics
 
@@ -213,8 +211,7 @@ def write_grid(config, workdir: str, rows: list[dict]) -> dict:
 
 
 def main(argv):
-  del argv
-  logger_lib.quiet_library_logs()
+  logger_lib.start_cli(argv, progress=True)
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if mode == "program":
     write_grid(config, workdir, run_program(config, workdir))

@@ -90,7 +90,6 @@ def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
   # Imported here: a loaded export runs without building the Flax model.
   from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
   from prosona_jax import stage2  # pylint: disable=g-import-not-at-top
-  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
 
   model = stage1.build_model(config)
   projector = stage2.build_projector(config)
@@ -104,9 +103,7 @@ def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
   def decode(weights, images, z_BND):
     frozen, _ = split_weights(weights)
     feats = model.apply(frozen, images, False, method="features")
-    logits_NBHW = prob_unet.decode_samples(model, frozen["params"], feats,
-                                           jnp.swapaxes(z_BND, 0, 1))
-    return jnp.swapaxes(logits_NBHW, 0, 1)
+    return stage2.decode_prompts(model, frozen, feats, z_BND)
 
   def prompt_probs(weights, images, emb_PE, keys_B2):
     frozen, proj = split_weights(weights)
@@ -160,8 +157,8 @@ def _grid_cell(projector: dict, config, cell: int | None, where: str) -> tuple[d
   """One cell's projector from a grid checkpoint (leaves stacked over cells), or as is."""
   if np.ndim(projector["params"]["out"]["bias"]) == 1:
     return projector, {}
-  cells = [(float(a), float(b)) for a in config.stage2.grid_alpha
-           for b in config.stage2.grid_beta]
+  from prosona_jax import grid  # pylint: disable=g-import-not-at-top
+  cells = grid.cells_of(config)
   n = int(np.shape(projector["params"]["out"]["bias"])[0])
   listing = ", ".join(f"{i}: alpha={a:g} beta={b:g}" for i, (a, b) in enumerate(cells[:n]))
   if cell is None or not 0 <= cell < n:

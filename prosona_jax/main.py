@@ -23,10 +23,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from prosona_jax import logger  # pylint: disable=g-import-not-at-top
-  logger.quiet_library_logs()
+  logger.start_cli(argv, progress=True)
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
   from prosona_jax import distributed  # pylint: disable=g-import-not-at-top
   from prosona_jax import train  # pylint: disable=g-import-not-at-top

@@ -125,9 +125,7 @@ def load_workdir(workdir: str, *, fold: int | None = None, config=None,
 
 def canonical_prompts(bank) -> list[str]:
   """Each rater's first training phrasing, in rater order (the default prompts)."""
-  rater, held = np.asarray(bank.rater), np.asarray(bank.heldout)
-  return [bank.prompts[int(np.flatnonzero((rater == r) & ~held)[0])]
-          for r in range(bank.num_raters)]
+  return [bank.prompts[i] for i in bank.canonical_indices()]
 
 
 class PromptEmbedder:

@@ -33,11 +33,11 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 from prosona_jax import image_io
 from prosona_jax import inference
+from prosona_jax import logger
 from prosona_jax import model_loader
 from prosona_jax.data.errors import DataError
 from prosona_jax.inference import InferenceError
@@ -115,7 +115,7 @@ class Predictor:
 def _overlay(image_hwc: np.ndarray, probs_Phw: np.ndarray, titles: list[str], path: str,
              threshold: float) -> None:
   # Importing figures selects matplotlib's Agg backend.
-  from prosona_jax import figures  # pylint: disable=g-import-not-at-top,unused-import
+  from prosona_jax import figures  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   cols = 1 + len(probs_Phw)
   fig, axes = plt.subplots(1, cols, figsize=(1.7 * cols, 2.0), squeeze=False)
@@ -130,9 +130,7 @@ def _overlay(image_hwc: np.ndarray, probs_Phw: np.ndarray, titles: list[str], pa
       ax.imshow(rgba)
       title = textwrap.fill(titles[j - 1], 20, max_lines=3, placeholder="...")
       ax.set_title(f"{title}\n{int(m.sum())} px", fontsize=6)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  figures.save(fig, path, dpi=100)
 
 
 def _pick_slice(probs_NPhw: np.ndarray, threshold: float) -> int:
@@ -300,15 +298,16 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax and XLA log dozens of INFO lines.
+  logger.start_cli(argv, progress=False)
   f = flags.FLAGS
   try:
     if f.list_prompts:
       model = (model_loader.load_export(f.model) if f.model else
                model_loader.load_workdir(f.workdir, fold=f.fold, config=f.config,
                                          stage2_dir=f.stage2_dir, cell=f.cell)[0])
+      if model.bank is None:
+        raise InferenceError(f"{model.origin}: a Stage-1 model, without a prompt bank "
+                             "(predict --samples=N draws its hypotheses)")
       for p, r, h in zip(model.bank.prompts, model.bank.rater, model.bank.heldout):
         print(f"rater {r}{' (held out)' if h else ''}: {p}")
       return

@@ -227,6 +227,12 @@ class PromptBank:
     """The phrasings of rater `r`."""
     return self.subset(self.rater == r)
 
+  def canonical_indices(self) -> np.ndarray:
+    """Index of each rater's first training phrasing, in rater order (default prompts)."""
+    train = ~np.asarray(self.heldout)
+    return np.asarray([int(np.flatnonzero(train & (np.asarray(self.rater) == r))[0])
+                       for r in range(self.num_raters)])
+
   def positive_mask(self) -> np.ndarray:
     """(P, P) float32, M_ij = 1 when prompts i and j describe the same rater (diagonal 1)."""
     return (self.rater[:, None] == self.rater[None, :]).astype(np.float32)

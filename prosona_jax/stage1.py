@@ -6,7 +6,7 @@ validation and test scoring. The loop itself is `trainer.fit`.
 
 import functools
 import math
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp

@@ -70,17 +70,10 @@ def decode_prompts(model, frozen, features_BHWF: jax.Array, z_prompt_BPD: jax.Ar
                    prompts_per_pass: int | None = None):
   """Fcomb logits (B, P, H, W) of per-image prompt latents; the backbone is not re-run.
 
-  `prompts_per_pass` (None: all) decodes that many prompts at a time (`jax.lax.map`),
-  which keeps a big evaluation batch's activations in cache on CPU.
+  `prompts_per_pass` (None: all): see `prob_unet.decode_samples`'s `per_pass`.
   """
-  z_PBD = jnp.swapaxes(z_prompt_BPD, 0, 1)
-  num_prompts = z_PBD.shape[0]
-  if prompts_per_pass is None or prompts_per_pass >= num_prompts:
-    logits_PBHW = prob_unet.decode_samples(model, frozen["params"], features_BHWF, z_PBD)
-  else:
-    decode = lambda z_BD: model.apply({"params": frozen["params"]}, features_BHWF, z_BD,
-                                      method="decode")
-    logits_PBHW = parallel.map_in_passes(decode, z_PBD, prompts_per_pass, num_prompts)
+  logits_PBHW = prob_unet.decode_samples(model, frozen["params"], features_BHWF,
+                                         jnp.swapaxes(z_prompt_BPD, 0, 1), prompts_per_pass)
   return jnp.swapaxes(logits_PBHW, 0, 1)
 
 
@@ -165,20 +158,27 @@ def make_train_step(model, projector, tx: optax.GradientTransformation,
                  donate_argnums=(0,))
 
 
+def _prompt_probs(model, projector, frozen, proj_params, shared: Shared, emb_PE, *,
+                  scale_scores: bool, prompts_per_pass: int):
+  """Probabilities (B, P, H, W) of every prompt, prompts decoded in passes
+  (`prompts_per_pass`, 0: auto, `parallel.items_per_pass`)."""
+  per_pass = parallel.items_per_pass(prompts_per_pass, emb_PE.shape[0], "prompts_per_pass")
+  logits, _, _ = prompt_logits(model, frozen, projector, proj_params, shared, emb_PE,
+                               scale_scores=scale_scores, prompts_per_pass=per_pass)
+  return jax.nn.sigmoid(logits)
+
+
 def make_predictor(model, projector, mesh, *, num_samples: int, scale_scores: bool,
                    prompts_per_pass: int = 0):
   """Compiled `(frozen, proj_params, image, emb_PE, rng) -> probs (B, P, H, W)`.
 
-  `prompts_per_pass`: prompts decoded together (0: auto, `parallel.items_per_pass`; on CPU
-  one at a time measured 1.7x faster than all 28 of the demo's bank at once).
+  `prompts_per_pass`: prompts decoded together (0: auto; on CPU one at a time measured
+  1.7x faster than all 28 of the demo's bank at once).
   """
   def predict(frozen, proj_params, image, emb_PE, rng):
     shared = shared_forward(model, frozen, image, rng, num_samples)
-    per_pass = parallel.items_per_pass(prompts_per_pass, emb_PE.shape[0],
-                                       "prompts_per_pass")
-    logits, _, _ = prompt_logits(model, frozen, projector, proj_params, shared, emb_PE,
-                                 scale_scores=scale_scores, prompts_per_pass=per_pass)
-    return jax.nn.sigmoid(logits)
+    return _prompt_probs(model, projector, frozen, proj_params, shared, emb_PE,
+                         scale_scores=scale_scores, prompts_per_pass=prompts_per_pass)
 
   repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(predict, in_shardings=(repl, repl, data, repl, repl), out_shardings=repl)
@@ -199,13 +199,21 @@ def make_prompt_decoder(model, projector, mesh, *, scale_scores: bool,
   """Compiled `(frozen, proj_params, shared, emb_PE) -> probs (B, P, H, W)`: the rest of
   `make_predictor` after `make_shared_fn`; the two together compute what it computes."""
   def fn(frozen, proj_params, shared, emb_PE):
-    per_pass = parallel.items_per_pass(prompts_per_pass, emb_PE.shape[0], "prompts_per_pass")
-    logits, _, _ = prompt_logits(model, frozen, projector, proj_params, shared, emb_PE,
-                                 scale_scores=scale_scores, prompts_per_pass=per_pass)
-    return jax.nn.sigmoid(logits)
+    return _prompt_probs(model, projector, frozen, proj_params, shared, emb_PE,
+                         scale_scores=scale_scores, prompts_per_pass=prompts_per_pass)
 
   repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(fn, in_shardings=(repl, repl, data, repl), out_shardings=repl)
+
+
+def _eval_inputs(batches, mesh):
+  """Per eval batch: (global image array, valid mask, valid labels, valid keys)."""
+  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
+  for batch in batches:
+    local = parallel.to_global(stage1.local_slice(batch, batch["image"].shape[0]), mesh)
+    valid = np.asarray(batch["valid"], bool)
+    yield (local["image"], valid, np.asarray(batch["masks"])[valid],
+           [k for k, v in zip(batch["key"], valid) if v])
 
 
 class SharedEval(NamedTuple):
@@ -218,14 +226,11 @@ class SharedEval(NamedTuple):
 def shared_eval(shared_fn, frozen, batches, mesh, rng) -> SharedEval:
   """Backbone features and prior samples of every eval batch, with the same keys as
   `predict_batches` uses, so `predict_shared` reproduces its probabilities."""
-  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
   labels, keys, out = [], [], []
-  for i, batch in enumerate(batches):
-    local = parallel.to_global(stage1.local_slice(batch, batch["image"].shape[0]), mesh)
-    valid = np.asarray(batch["valid"], bool)
-    out.append((shared_fn(frozen, local["image"], jax.random.fold_in(rng, i)), valid))
-    labels.append(np.asarray(batch["masks"])[valid])
-    keys.extend(k for k, v in zip(batch["key"], valid) if v)
+  for i, (image, valid, batch_labels, batch_keys) in enumerate(_eval_inputs(batches, mesh)):
+    out.append((shared_fn(frozen, image, jax.random.fold_in(rng, i)), valid))
+    labels.append(batch_labels)
+    keys.extend(batch_keys)
   return SharedEval(np.concatenate(labels), keys, out)
 
 
@@ -237,16 +242,13 @@ def predict_shared(decode_fn, frozen, proj_params, cached: SharedEval, emb_PE) -
 
 def predict_batches(predict_fn, frozen, proj_params, batches, emb_PE, mesh, rng):
   """Runs the predictor over eval batches: labels (N,R,H,W), probs (N,P,H,W), keys."""
-  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
   labels, preds, keys = [], [], []
-  for i, batch in enumerate(batches):
-    local = parallel.to_global(stage1.local_slice(batch, batch["image"].shape[0]), mesh)
-    probs = np.asarray(predict_fn(frozen, proj_params, local["image"], emb_PE,
+  for i, (image, valid, batch_labels, batch_keys) in enumerate(_eval_inputs(batches, mesh)):
+    probs = np.asarray(predict_fn(frozen, proj_params, image, emb_PE,
                                   jax.random.fold_in(rng, i)))
-    valid = np.asarray(batch["valid"], bool)
-    labels.append(np.asarray(batch["masks"])[valid])
+    labels.append(batch_labels)
     preds.append(probs[valid])
-    keys.extend(k for k, v in zip(batch["key"], valid) if v)
+    keys.extend(batch_keys)
   return np.concatenate(labels), np.concatenate(preds), keys
 
 

@@ -76,16 +76,9 @@ def embedded_bank(config, stage_dir: str) -> bank_lib.PromptBank:
   return bank
 
 
-def canonical_prompts(bank: bank_lib.PromptBank) -> np.ndarray:
-  """Index of each rater's first training phrasing, in rater order."""
-  train = ~np.asarray(bank.heldout)
-  return np.asarray([int(np.flatnonzero(train & (np.asarray(bank.rater) == r))[0])
-                     for r in range(bank.num_raters)])
-
-
 def score_prompts(labels, probs_NPHW, bank, convention: str) -> dict:
   """Scores one prediction per rater prompt and reports every phrasing's direct Dice."""
-  canon = canonical_prompts(bank)
+  canon = bank.canonical_indices()
   preds = probs_NPHW[:, canon]
   result = metrics.score(labels, preds, convention=convention)
   dm_NRP = metrics.dice_matrix(labels, probs_NPHW, convention=convention)
@@ -161,34 +154,41 @@ class Context:
     out["dice_each_direct_mean"] = float(np.mean(res["dice_each_direct"]))
     return out
 
-  def test(self, proj_params):
-    """Scores the test fold: (result dict, labels, probs, keys)."""
-    labels, probs, keys = self.predict(proj_params, self.split.test,
-                                       jax.random.fold_in(self.eval_rng, 1))
+  @property
+  def test_rng(self) -> jax.Array:
+    return jax.random.fold_in(self.eval_rng, 1)
+
+  def _test_result(self, labels, probs, keys) -> dict:
     result = score_prompts(labels, probs, self.bank, self.config.eval.convention)
     result.update(stage="stage2", fold=self.fold,
                   num_samples=int(self.config.stage2.eval_num_samples), keys=keys)
-    return result, labels, probs, keys
+    return result
+
+  def test(self, proj_params):
+    """Scores the test fold: (result dict, labels, probs, keys)."""
+    labels, probs, keys = self.predict(proj_params, self.split.test, self.test_rng)
+    return self._test_result(labels, probs, keys), labels, probs, keys
+
+  def shared_test(self) -> stage2.SharedEval:
+    """Backbone features and prior samples of the test fold, as `test` draws them."""
+    return stage2.shared_eval(
+        stage2.make_shared_fn(self.model, self.mesh,
+                              num_samples=self.config.stage2.eval_num_samples),
+        self.frozen, pipeline.eval_batches(self.source, self.split.test,
+                                           batch_size=self.eval_batch_size),
+        self.mesh, self.test_rng)
+
+  def make_prompt_decoder(self):
+    return stage2.make_prompt_decoder(self.model, self.projector, self.mesh,
+                                      scale_scores=self.config.stage2.scale_scores)
 
   def test_cells(self, params_per_cell) -> list[dict]:
     """`test` of several projectors (grid cells): the backbone, the prior and the data
     pipeline run once for all of them; each result equals that projector's `test`."""
-    c = self.config
-    cached = stage2.shared_eval(
-        stage2.make_shared_fn(self.model, self.mesh, num_samples=c.stage2.eval_num_samples),
-        self.frozen, pipeline.eval_batches(self.source, self.split.test,
-                                           batch_size=self.eval_batch_size),
-        self.mesh, jax.random.fold_in(self.eval_rng, 1))
-    decode_fn = stage2.make_prompt_decoder(self.model, self.projector, self.mesh,
-                                           scale_scores=c.stage2.scale_scores)
-    results = []
-    for proj_params in params_per_cell:
-      probs = stage2.predict_shared(decode_fn, self.frozen, proj_params, cached, self.emb_all)
-      result = score_prompts(cached.labels, probs, self.bank, c.eval.convention)
-      result.update(stage="stage2", fold=self.fold, num_samples=int(c.stage2.eval_num_samples),
-                    keys=cached.keys)
-      results.append(result)
-    return results
+    cached, decode_fn = self.shared_test(), self.make_prompt_decoder()
+    return [self._test_result(
+        cached.labels, stage2.predict_shared(decode_fn, self.frozen, p, cached, self.emb_all),
+        cached.keys) for p in params_per_cell]
 
   def loop_config(self, name: str) -> trainer.LoopConfig:
     s2 = self.config.stage2
@@ -232,7 +232,7 @@ def run_stage2(config, workdir: str, fold: int, source, split, mesh, stage1_resu
 def write_figures(config, eval_dir, fold, source, split, labels, probs, keys, bank,
                   predict_fn, frozen, proj_params, mesh, rng):
   """Fig. 3 (prompt panel) and Fig. 4 (interpolation strip) of the paper, for this fold."""
-  canon = canonical_prompts(bank)
+  canon = bank.canonical_indices()
   n = min(config.eval.num_images_logged, len(labels))
   # Prefer images where raters disagree most: that is where styles show.
   spread = labels.reshape(len(labels), labels.shape[1], -1).sum(-1)

@@ -42,6 +42,14 @@ class TrainState(struct.PyTreeNode):
                batch_stats=batch_stats if batch_stats is not None else {},
                nonfinite_step=jnp.full((), -1, jnp.int32))
 
+  def advanced(self, finite: jax.Array, **fields) -> "TrainState":
+    """The state after one step with `fields` replaced; records the step if not `finite`."""
+    return self.replace(
+        step=self.step + 1,
+        nonfinite_step=jnp.where(~finite & (self.nonfinite_step < 0), self.step + 1,
+                                 self.nonfinite_step),
+        **fields)
+
 
 def guarded_update(params, opt_state, grads, loss: jax.Array,
                    tx: optax.GradientTransformation, extra=None, old_extra=None):
@@ -80,11 +88,7 @@ def apply_update(state: TrainState, grads, loss: jax.Array, tx: optax.GradientTr
     batch_stats = state.batch_stats
   params, opt_state, batch_stats, finite = guarded_update(
       state.params, state.opt_state, grads, loss, tx, batch_stats, state.batch_stats)
-  return state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
-      nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step + 1,
-                               state.nonfinite_step),
-  )
+  return state.advanced(finite, params=params, opt_state=opt_state, batch_stats=batch_stats)
 
 
 class NonFiniteLoss(RuntimeError):

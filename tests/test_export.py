@@ -163,6 +163,9 @@ def test_predictor_prompt_passes_agree(trained):
     fn = stage2.make_predictor(model, projector, mesh, num_samples=5, scale_scores=True,
                                prompts_per_pass=per_pass)
     out[per_pass] = np.asarray(fn(frozen, proj, images, emb, jax.random.key(3)))
+    # Fewer than all 7 per pass is a loop over prompts (lax.map's scan).
+    scans = str(fn.trace(frozen, proj, images, emb, jax.random.key(3)).jaxpr).count(" scan[")
+    assert (scans > 0) == (per_pass < 7), (per_pass, scans)
   assert out[7].shape == (2, 7, 32, 32)
   # Different prompts give different masks, so a pass that repeated one would show.
   assert np.abs(out[7][:, 0] - out[7][:, 1]).max() > 1e-4

@@ -1,6 +1,7 @@
 """The (alpha, beta) grid: cells trained together equal cells trained alone."""
 
 import json
+import logging
 import os
 
 import jax
@@ -15,7 +16,6 @@ from prosona_jax import stage2
 from prosona_jax import stage2_train
 from prosona_jax import train
 from prosona_jax import trainer
-from prosona_jax.data import pipeline
 from prosona_jax.data import sources
 from prosona_jax.data import splits
 
@@ -117,6 +117,9 @@ def test_cells_per_pass_do_not_change_results(setup):
     assert grid.grid_cells_per_pass(ctx.config, 2) == per_pass
     step = grid.make_grid_step(ctx, [0.0, 1.0], [0.5, 0.5])
     state = grid.init_grid_state(ctx, 2)
+    # One cell per pass is a loop over cells (lax.map's scan); both at once is none.
+    scans = str(step.trace(state, batch, ctx.const).jaxpr).count(" scan[")
+    assert (scans > 0) == (per_pass == 1), (per_pass, scans)
     for _ in range(3):
       state, metrics = step(state, batch, ctx.const)
     finals[per_pass] = jax.tree.map(np.asarray, state.params)
@@ -151,13 +154,7 @@ def test_test_cells_equals_test_of_each_cell(setup):
     assert [p["direct_dice"] for p in got["prompts"]] == pytest.approx(
         [p["direct_dice"] for p in want["prompts"]], abs=1e-6)
   # The probabilities themselves (the tiny model's masks may all be empty at 0.5).
-  c = ctx.config
-  cached = stage2.shared_eval(
-      stage2.make_shared_fn(ctx.model, mesh, num_samples=c.stage2.eval_num_samples),
-      ctx.frozen, pipeline.eval_batches(source, split.test, batch_size=ctx.eval_batch_size),
-      mesh, jax.random.fold_in(ctx.eval_rng, 1))
-  decode_fn = stage2.make_prompt_decoder(ctx.model, ctx.projector, mesh,
-                                         scale_scores=c.stage2.scale_scores)
+  cached, decode_fn = ctx.shared_test(), ctx.make_prompt_decoder()
   probs = []
   for proj in (base, other):
     got = stage2.predict_shared(decode_fn, ctx.frozen, proj, cached, ctx.emb_all)
@@ -169,7 +166,7 @@ def test_test_cells_equals_test_of_each_cell(setup):
   assert np.abs(probs[0] - probs[1]).max() > 1e-4
 
 
-def test_interrupted_grid_resumes_to_the_same_result(setup, monkeypatch):
+def test_interrupted_grid_resumes_to_the_same_result(setup, monkeypatch, caplog):
   """A grid preempted after step 3 resumes from its checkpoint and ends where an
   uninterrupted grid ends (the fixture's), with every cell scored."""
   config, workdir, *_ = setup
@@ -185,7 +182,11 @@ def test_interrupted_grid_resumes_to_the_same_result(setup, monkeypatch):
   assert ckpt.latest_step() == 3
   ckpt.close()
   monkeypatch.delenv("PROSONA_FAULT_SIGTERM_AT_STEP")
+  caplog.set_level(logging.INFO)
   rows = grid.run_program(config, resumed_dir)
+  # It went on from step 3 (a fresh start would end with the same parameters too).
+  assert "grid/fold0: resumed from the checkpoint of step 3." in caplog.text
+  assert "grid/fold0: finished 3 steps" in caplog.text
   assert len(rows) == 2
   ctx = stage2_train.Context(config, workdir, 0, *setup[2:5],
                              stage_dir=os.path.join(workdir, "fold0", "grid"))

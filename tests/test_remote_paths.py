@@ -75,7 +75,7 @@ def test_eval_json_summary_and_figures(bucket):
   assert "| stage1 | 0 | dpersona |" in text
   assert epath.Path(f"{bucket}/eval/summary.md").read_text() == text
   fig = plt.figure()
-  figures._save(fig, f"{bucket}/eval/panel.png")  # pylint: disable=protected-access
+  figures.save(fig, f"{bucket}/eval/panel.png")
   assert epath.Path(f"{bucket}/eval/panel.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from prosona_jax.data.errors import DataError, PathLike, data_error
+from prosona_jax.data.errors import PathLike, data_error
 
 
 def _first_bad(bad: np.ndarray, keys: Optional[Sequence[str]]) -> str:

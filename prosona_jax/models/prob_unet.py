@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prosona_jax import parallel
 from prosona_jax.models import backbone as backbone_lib
 
 POSTERIOR_INPUTS = ("one_random", "all")
@@ -246,16 +247,19 @@ def init_variables(model: ProbUNet, rng: jax.Array, *, image_size: int,
 
 
 def decode_samples(model: ProbUNet, params: Any, features_BHWF: jax.Array,
-                   z_KBD: jax.Array) -> jax.Array:
+                   z_KBD: jax.Array, per_pass: int | None = None) -> jax.Array:
   """Decodes K latents per image with Fcomb only: logits (K, B, H, W).
 
   The backbone features are computed once by the caller; `jax.vmap` over K runs only
   Fcomb, which is ~1% of the backbone's work per sample, and inside Fcomb only the
   parts that depend on z (the feature term of its first conv is computed once).
+  `per_pass` (None: all K at once) decodes that many latents at a time
+  (`parallel.map_in_passes`), which keeps a big batch's activations in cache on CPU.
   """
   decode = lambda z_BD: model.apply({"params": params}, features_BHWF, z_BD,
                                     method="decode")
-  return jax.vmap(decode)(z_KBD)
+  k = z_KBD.shape[0]
+  return parallel.map_in_passes(decode, z_KBD, per_pass or k, k)
 
 
 def decode_extremes(model: ProbUNet, params: Any, features_BHWF: jax.Array,
