@@ -72,39 +72,44 @@ def grid_vs_cell(config_path: str, steps: int, warmup: int, overrides: list[str]
                  cells_per_pass: list[int]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from prosona_jax import grid, parallel, stage1, stage2, stage2_train, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from prosona_jax.data import pipeline, sources, splits  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from prosona_jax import ablation, checkpointing, config_lib, optimizers, parallel, run  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from prosona_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from prosona_jax.methods import prosona_stage1, prosona_stage2  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
   config = load_config(config_path, overrides)
-  source = sources.source_from_config(config.data)
-  split = splits.make_split(source.patient_ids, fold=0, num_folds=config.data.num_folds,
-                            seed=config.data.split_seed, val_fraction=config.data.val_fraction)
-  mesh = parallel.make_mesh()
-  model = stage1.build_model(config)
-  tx1, _ = stage1.make_optimizer(config.stage1, 1)
-  s1_state = stage1.init_state(model, config, tx1, mesh, jax.random.key(0))
   with tempfile.TemporaryDirectory() as tmp:
-    ctx = stage2_train.Context(config, tmp, 0, source, split, mesh, (model, s1_state),
-                               stage_dir=tmp)
-    it = iter(pipeline.train_loader(source, split.train, batch_size=ctx.local_bs, seed=0,
+    # Stage 2 starts from a Stage-1 checkpoint: an untrained one is as fast as any.
+    fold = next(run.folds(config, tmp))
+    mesh = fold.mesh
+    model = prob_unet.build_from_config(config)
+    tx1, _ = optimizers.adam(config.stage1, 1)
+    s1_state = prosona_stage1.init_state(model, config, tx1, mesh, jax.random.key(0))
+    ckpt = checkpointing.Checkpointer(os.path.join(tmp, "stage1"))
+    ckpt.save(1, s1_state)
+    ckpt.close()
+    config.stage2.init_from = os.path.join(tmp, "stage1")
+    method = prosona_stage2.Stage2(fold, stage_dir=tmp)
+    tx, _ = method.make_optimizer()
+    it = iter(pipeline.train_loader(fold.source, fold.split.train,
+                                    batch_size=fold.local_batch_size, seed=0,
                                     augment_flip=False, augment_rotate=False))
     batches = [parallel.to_global(next(it), mesh) for _ in range(warmup + steps)]
-    cells = grid.cells_of(config)
-    one = stage2.make_train_step(model, ctx.projector, ctx.tx, config, mesh, ctx.step_rng)
-    one_state = parallel.replicate(trainer.TrainState.create(ctx.init_projector(), ctx.tx), mesh)
-    c1, t1 = _time_steps(lambda s, b: one(s, b, ctx.const), one_state, batches, warmup)
+    cells = config_lib.grid_cells(config)
+    one = method.make_train_step(tx)
+    c1, t1 = _time_steps(one, method.init_state(tx), batches, warmup)
     grid_times = []
     for per_pass in cells_per_pass or [0]:
-      ctx.config.stage2.grid_cells_per_pass = per_pass
-      used = grid.grid_cells_per_pass(ctx.config, len(cells))
-      many = grid.make_grid_step(ctx, [a for a, _ in cells], [b for _, b in cells])
+      config.stage2.grid_cells_per_pass = per_pass
+      used = ablation.grid_cells_per_pass(config, len(cells))
+      many = ablation.make_grid_step(method, tx, [a for a, _ in cells], [b for _, b in cells])
       grid_times.append((per_pass, used, *_time_steps(
-          lambda s, b: many(s, b, ctx.const), grid.init_grid_state(ctx, len(cells)),
-          batches, warmup)))
+          lambda s, b: many(s, b, method.const), ablation.init_grid_state(
+              method, tx, len(cells)), batches, warmup)))
   n = len(cells)
   print(f"Stage-2 step on {jax.default_backend()}, {config_path}, batch {config.data.batch_size}, "
         f"{config.data.image_size}x{config.data.image_size}, K={config.stage2.num_samples}, "
-        f"{ctx.num_train_prompts} prompts")
+        f"{method.num_train_prompts} prompts")
   print(f"  one cell               : {1e3 * t1:8.1f} ms/step  "
         f"(first {warmup} steps incl. compile {c1:.1f} s)")
   for per_pass, used, c9, t9 in grid_times:
@@ -126,13 +131,15 @@ def data_parallel(devices: list[int], config_path: str, steps: int) -> None:
 def _dp_child(config_path: str, steps: int) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from prosona_jax import parallel, stage1  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from prosona_jax import optimizers, parallel  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from prosona_jax.methods import prosona_stage1  # pylint: disable=g-import-not-at-top
+  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
   config = load_config(config_path, [])
   mesh = parallel.make_mesh()
-  model = stage1.build_model(config)
-  tx, _ = stage1.make_optimizer(config.stage1, 10)
-  state = stage1.init_state(model, config, tx, mesh, jax.random.key(0))
-  step = stage1.make_train_step(model, tx, config, mesh, jax.random.key(1))
+  model = prob_unet.build_from_config(config)
+  tx, _ = optimizers.adam(config.stage1, 10)
+  state = prosona_stage1.init_state(model, config, tx, mesh, jax.random.key(0))
+  step = prosona_stage1.make_train_step(model, tx, config, mesh, jax.random.key(1))
   b, s, r = config.data.batch_size, config.data.image_size, config.data.num_raters
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((b, s, s, 1), np.float32),
@@ -156,7 +163,7 @@ def end_to_end(config_path: str, stage1_checkpoints: str, repeats: int) -> None:
     for name, extra in runs.items():
       with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "prosona_jax.grid", f"--config={config_path}",
-               f"--workdir={tmp}", f"--config.stage1.checkpoint={stage1_checkpoints}", *extra]
+               f"--workdir={tmp}", f"--config.stage2.init_from={stage1_checkpoints}", *extra]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         times[name].append(time.perf_counter() - t0)

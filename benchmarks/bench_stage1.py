@@ -1,8 +1,8 @@
 r"""Times the Stage-1 train step and prior sampling with the real `stage1` functions.
 
-The step is `stage1.make_train_step` (ResNet-34 U-Net, prior, posterior, Fcomb decoding
+The step is `prosona_stage1.make_train_step` (ResNet-34 U-Net, prior, posterior, Fcomb decoding
 K = 10 bound samples, Adam, donated state) on a 1-device mesh; inference is
-`stage1.make_sampler` drawing 10 prior samples for one image. Inputs are random images
+`prosona_stage1.make_sampler` drawing 10 prior samples for one image. Inputs are random images
 and random disc masks; only the timings mean anything.
 
 Every (XLA-flag preset, job) pair runs in a fresh subprocess, because XLA reads
@@ -108,13 +108,15 @@ def _run_child(job: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from prosona_jax import optimizers  # pylint: disable=g-import-not-at-top
   from prosona_jax import parallel  # pylint: disable=g-import-not-at-top
-  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
+  from prosona_jax.methods import prosona_stage1 as stage1  # pylint: disable=g-import-not-at-top
+  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
 
   c = _config()
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  model = stage1.build_model(c)
-  tx, _ = stage1.make_optimizer(c.stage1, steps_per_epoch=100)
+  model = prob_unet.build_from_config(c)
+  tx, _ = optimizers.adam(c.stage1, steps_per_epoch=100)
   rng = jax.random.key(_SEED.value)
   t0 = time.perf_counter()
   state = stage1.init_state(model, c, tx, mesh, rng)

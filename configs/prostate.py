@@ -8,12 +8,15 @@ The paper's set is in-house (4,817 slices, four institution styles); bring yours
 """
 
 from prosona_jax import config_defaults
+from prosona_jax import config_lib
 from prosona_jax import prompt_bank
 
 
 def get_config(arg: str | None = None):
   """Args: `fold=K` selects the test fold (-1: all four)."""
+  arg = config_lib.parse_arg(arg, config="configs/prostate.py", fold=0)
   c = config_defaults.base_config()
+  c.data.fold = arg.fold
   c.data.format = "folder"
   c.data.path = "data/prostate"  # Override with --config.data.path=...
   c.data.image_size = 128
@@ -25,8 +28,4 @@ def get_config(arg: str | None = None):
   c.model.backbone = "resnet34"
   c.text.prompts.train = prompt_bank.PROSTATE_PROMPTS["train"]
   c.text.prompts.heldout = prompt_bank.PROSTATE_PROMPTS["heldout"]
-  if arg:
-    if not arg.startswith("fold="):
-      raise ValueError(f"configs/prostate.py: unknown argument {arg!r}; expected fold=K")
-    c.data.fold = int(arg.split("=", 1)[1])
   return c

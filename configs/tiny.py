@@ -1,29 +1,29 @@
 r"""A tiny configuration for tests and smoke runs: seconds on a CPU, meaningless numbers.
 
   python -m prosona_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
+
+The demo (`configs/demo.py`) shrunk: same data kind and text bank, a model of a few
+thousand parameters, two epochs per stage and a random tiny text encoder.
 """
 
-from prosona_jax import config_defaults
-from prosona_jax import prompt_bank
+from prosona_jax import config_lib
 
 
 def get_config(arg: str | None = None):
   """Args: `stage1` trains Stage 1 only."""
-  c = config_defaults.base_config()
-  c.data.format = "synthetic"
+  arg = config_lib.parse_arg(arg, config="configs/tiny.py", stage1=False)
+  c = config_lib.base_of(__file__, "demo.py")
   c.data.image_size = 32
   c.data.synthetic.num_images = 48
   c.data.synthetic.num_patients = 16
-  c.data.batch_size = 8
   c.data.eval_batch_size = 8
   c.data.augment_rotate = False  # Keep test steps cheap; flips still exercise augmentation.
-  c.model.backbone = "unet"
   c.model.unet_filters = (4, 8)
   c.model.feature_channels = 4
   c.model.gaussian_filters = (4, 8)
   c.model.convs_per_block = 1
+  c.model.unet_batch_norm = False
   c.stage1.epochs = 2
-  c.stage1.lr = 1e-3
   c.stage1.num_bound_samples = 3
   c.stage1.checkpoint_every = 4
   c.stage1.log_every = 2
@@ -38,10 +38,6 @@ def get_config(arg: str | None = None):
   c.eval.num_samples = 4
   c.text.kind = "tiny_bert"
   c.text.model = ""
-  c.text.prompts.train = prompt_bank.SYNTHETIC_PROMPTS["train"]
-  c.text.prompts.heldout = prompt_bank.SYNTHETIC_PROMPTS["heldout"]
-  if arg == "stage1":
+  if arg.stage1:
     c.stages = ("stage1",)
-  elif arg:
-    raise ValueError(f"configs/tiny.py: unknown argument {arg!r}; expected stage1")
   return c

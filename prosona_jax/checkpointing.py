@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -53,7 +54,7 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"] or {})
 
   def restore_latest_state(self, target_state: Any) -> tuple[Any, dict]:
-    """Restores only the state of the latest checkpoint (e.g. Stage 1 for Stage 2)."""
+    """Restores only the state of the latest checkpoint (no iterator)."""
     step = self.latest_step()
     if step is None:
       raise FileNotFoundError(f"No checkpoint found in {self.directory}")
@@ -69,3 +70,68 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def latest_step_dir(directory: str) -> tuple[int, str] | None:
+  """(step, path of its `state` item) of the newest checkpoint in `directory`, or None."""
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return None
+  steps = sorted((int(p.name), p) for p in path.iterdir()
+                 if p.name.isdigit() and (p / "state").is_dir())
+  if not steps:
+    return None
+  step, step_dir = steps[-1]
+  return step, os.fspath(step_dir / "state")
+
+
+def load_params(directory: str, abstract: Any, *, fields: tuple[str, ...] = ("params",)
+                ) -> tuple[Any, int]:
+  """Reads only `fields` of the train state of the newest checkpoint in `directory`.
+
+  The optimizer state, step counter and iterator of that run are not read, so the
+  reader needs neither its optimizer nor its data: this is how Stage 2 starts from a
+  trained Stage 1 (MaxText's `load_params_from_path`). `abstract` gives each field's
+  shapes, dtypes and shardings (a dict `{field: tree of jax.ShapeDtypeStruct}`; leaves
+  without a sharding land on this process's first device).
+
+  Returns:
+    ({field: restored tree}, the step read).
+  """
+  found = latest_step_dir(directory)
+  if found is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint found")
+  step, state_dir = found
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  item = jax.tree.map(
+      lambda s: s if getattr(s, "sharding", None) is not None else
+      jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here), {k: abstract[k] for k in fields})
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  return {k: restored[k] for k in fields}, step
+
+
+def load_state_if_possible(ckpt: Checkpointer, state: Any, iterator: Any = None, *,
+                           params_from: str = "", abstract_params: Any = None,
+                           fields: tuple[str, ...] = ("params",)):
+  """Where a stage's state comes from, in MaxText's order of preference.
+
+  1. The stage's own latest checkpoint (a resumed run): the whole state, and the data
+     iterator restored in place.
+  2. Otherwise, when `params_from` names a directory, only `fields` of another run's
+     latest state (see `load_params`).
+  3. Otherwise nothing: the caller keeps its freshly initialised state.
+
+  Returns:
+    (restored state or None, restored fields or None, the step read or None).
+  """
+  latest = ckpt.latest_step()
+  if latest is not None:
+    restored, _ = ckpt.restore(latest, state, iterator)
+    return restored, None, latest
+  if params_from:
+    params, step = load_params(params_from, abstract_params, fields=fields)
+    return None, params, step
+  return None, None, None

@@ -12,7 +12,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Returns the ProSona defaults (the paper's choices; D-Persona's behind switches)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Base PRNG seed for initialisation and sampling.
-  c.stages = ("stage1", "stage2")  # Which stages `main` runs, in order.
+  c.method = "prosona"  # What `main` trains: see `prosona_jax.methods.METHODS`.
+  c.stages = ("stage1", "stage2")  # Which of the method's stages `main` runs, in order.
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -31,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 8  # Global batch size (paper: 8; D-Persona: 12).
   d.eval_batch_size = 16  # Batch size for validation and test scoring.
   d.shuffle_seed = 0  # Seed of the training-order shuffle and augmentation.
+  d.shuffle_seed_per_fold = 1000  # Fold k's shuffle seed: shuffle_seed + k * this + stage offset.
   d.worker_count = 0  # Grain worker processes (0: in the main process).
   d.augment_flip = True  # Random horizontal and vertical flips.
   d.augment_rotate = True  # Random rotation by an angle in [-180, 180] degrees.
@@ -77,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   s1.log_every = 50  # Log losses every N steps.
   s1.eval_every_epochs = 10  # Validation every N epochs (0: only at the end).
   s1.max_steps = -1  # Stop after this many steps (-1: epochs decide).
-  s1.checkpoint = ""  # Start Stage 2 from this Stage-1 checkpoint dir instead of training.
+  s1.seed_offset = 0  # PRNG of this stage: fold_in(key(seed + seed_offset), fold).
+  s1.shuffle_seed_offset = 0  # Added to the data shuffle seed of this stage.
 
   # ---------------------------------------------------------------- stage 2
   s2 = c.stage2 = ml_collections.ConfigDict()
@@ -91,11 +94,17 @@ def base_config() -> ml_collections.ConfigDict:
   s2.alpha = 1.0  # Weight of L_text.
   s2.beta = 1.0  # Weight of L_sim.
   s2.tau = 0.07  # Temperature of the contrastive losses.
+  s2.dice_epsilon = 1e-6  # Epsilon of the Dice loss of L_seg (see stage1.dice_epsilon).
   s2.projector_hidden = 256  # Hidden width of the two-layer projector MLP.
   s2.checkpoint_every = 500  # Save every N steps (and at the end).
   s2.log_every = 50  # Log every N steps.
   s2.eval_every_epochs = 10  # Validation every N epochs (0: only at the end).
   s2.max_steps = -1  # Stop after this many steps (-1: epochs decide).
+  # Stage-1 checkpoints Stage 2 starts from (`{fold}` is replaced by the fold); "": this
+  # run's WORKDIR/fold<k>/stage1/checkpoints. Only the parameters are read.
+  s2.init_from = ""
+  s2.seed_offset = 2  # PRNG of this stage: fold_in(key(seed + seed_offset), fold).
+  s2.shuffle_seed_offset = 1  # Added to the data shuffle seed of this stage.
   s2.grid_alpha = (0.0, 0.5, 1.0)  # Ablation grid values of alpha (paper Fig. 5).
   s2.grid_beta = (0.0, 0.5, 1.0)  # Ablation grid values of beta.
   s2.grid_cells_per_pass = 0  # Grid cells vmapped together per pass (0: auto, see grid.py).
@@ -113,6 +122,6 @@ def base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- evaluation
   e = c.eval = ml_collections.ConfigDict()
   e.num_samples = 10  # Prior samples per test image in Stage-1 scoring.
-  e.convention = "dpersona"  # dpersona | standard (see METRICS.md).
+  e.convention = "dpersona"  # dpersona | standard (see docs/metrics.md).
   e.num_images_logged = 4  # Images written to TensorBoard and figures.
   return c

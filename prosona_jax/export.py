@@ -13,229 +13,33 @@ serialized with `jax.export` (StableHLO, symbolic batch size), which run without
 package's model code: `python -m prosona_jax.predict --model=DIR` uses only them.
 """
 
-from __future__ import annotations
-
-import datetime
-import json
-import os
-from typing import Any, Sequence
-
-from absl import app
 from absl import flags
-import jax
-from jax import export as jax_export
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from prosona_jax import inference
-from prosona_jax import logger
+from prosona_jax import cli
 
-FORMAT = "prosona_jax.export"
-FORMAT_VERSION = 1
-FUNCTION_FILES = {"prompt_probs": "prompt_probs.jaxexport", "prior": "prior.jaxexport",
-                  "decode": "decode.jaxexport"}
-DEFAULT_PLATFORMS = ("cpu", "cuda")
-
-
-def signatures(meta: dict) -> dict[str, dict[str, Any]]:
-  """Human-readable inputs and outputs of each function (written to config.json)."""
-  s, c, d = meta["data"]["image_size"], meta["data"]["in_channels"], meta["model"]["latent_dim"]
-  e = meta.get("embedding_dim")
-  w = "weights: dict {name: float32 array}, the whole of params.safetensors"
-  sigs = {
-      "prior": {"inputs": [w, f"images: float32[b,{s},{s},{c}]"],
-                "outputs": [f"mu: float32[b,{d}]", f"log_sigma: float32[b,{d}]"]},
-      "decode": {"inputs": [w, f"images: float32[b,{s},{s},{c}]", f"z: float32[b,n,{d}]"],
-                 "outputs": [f"logits: float32[b,n,{s},{s}]"]},
-  }
-  if meta.get("stage2"):
-    sigs["prompt_probs"] = {
-        "inputs": [w, f"images: float32[b,{s},{s},{c}]", f"embeddings: float32[p,{e}]",
-                   "keys: uint32[b,2] (raw threefry key data, one key per image)"],
-        "outputs": [f"probs: float32[b,p,{s},{s}]"]}
-  return sigs
-
-
-def export_metadata(config: ml_collections.ConfigDict, *, bank=None,
-                    has_projector: bool, source: dict | None = None,
-                    platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
-  """The content of an export's config.json."""
-  from prosona_jax import __version__  # pylint: disable=g-import-not-at-top
-  d = config.data
-  meta = {
-      "format": FORMAT, "format_version": FORMAT_VERSION,
-      "prosona_jax_version": __version__, "jax_version": jax.__version__,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "source": source or {},
-      "model": config.model.to_dict(),
-      "data": {"image_size": int(d.image_size), "in_channels": int(d.in_channels),
-               "num_raters": int(d.num_raters), "rater_names": list(d.rater_names),
-               "order_raters_by_area": bool(d.order_raters_by_area),
-               "format": str(d.format),
-               "folder": {k: d.folder[k] for k in ("axis", "resize", "normalize")
-                          if k in d.folder}},
-      "text": {k: config.text[k] for k in ("kind", "model", "max_length")},
-      "stage2": None, "prompt_bank": None, "embedding_dim": None,
-      "platforms": list(platforms),
-  }
-  if has_projector:
-    s2 = config.stage2
-    meta["stage2"] = {"eval_num_samples": int(s2.eval_num_samples),
-                      "scale_scores": bool(s2.scale_scores),
-                      "projector_hidden": int(s2.projector_hidden)}
-  if bank is not None:
-    meta["prompt_bank"] = "prompt_bank.npz"
-    meta["embedding_dim"] = int(bank.embeddings.shape[1])
-    meta["encoder_name"] = bank.encoder_name
-  meta["functions"] = {name: {"file": FUNCTION_FILES[name], **sig}
-                       for name, sig in signatures(meta).items()}
-  return meta
-
-
-def export_functions(config: ml_collections.ConfigDict, weights: dict[str, np.ndarray], *,
-                     embedding_dim: int | None,
-                     platforms: Sequence[str] = DEFAULT_PLATFORMS
-                     ) -> dict[str, jax_export.Exported]:
-  """Lowers the inference functions with a symbolic batch `b` (and `p`, `n`)."""
-  fns = inference.make_functions(config)
-  s, c = int(config.data.image_size), int(config.data.in_channels)
-  d = int(config.model.latent_dim)
-  w_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
-  b, p, n = jax_export.symbolic_shape("b, p, n")
-  images = jax.ShapeDtypeStruct((b, s, s, c), jnp.float32)
-  specs = {"prior": (w_spec, images),
-           "decode": (w_spec, images, jax.ShapeDtypeStruct((b, n, d), jnp.float32))}
-  if embedding_dim is not None:
-    specs["prompt_probs"] = (w_spec, images,
-                             jax.ShapeDtypeStruct((p, embedding_dim), jnp.float32),
-                             jax.ShapeDtypeStruct((b, 2), jnp.uint32))
-  return {name: jax_export.export(jax.jit(fns[name]), platforms=tuple(platforms))(*spec)
-          for name, spec in specs.items()}
-
-
-def readme(meta: dict) -> str:
-  """The README.md of an export folder."""
-  lines = [
-      "# ProSona model export", "",
-      f"Format `{meta['format']}` version {meta['format_version']}, written by prosona_jax "
-      f"{meta['prosona_jax_version']} with jax {meta['jax_version']} "
-      f"({meta['created']}). Platforms: {', '.join(meta['platforms'])}.", "",
-      "## Files",
-      "- `params.safetensors`: every model tensor except the text encoder's, flat names "
-      "joined by `/`: `params/...` and `batch_stats/...` (Stage 1: backbone, prior, "
-      "posterior, Fcomb) and `projector/params/...` (Stage 2).",
-      "- `config.json`: model and data settings, Stage-2 settings, the text encoder "
-      "that embedded the bank, and the function signatures.",
-  ]
-  if meta.get("prompt_bank"):
-    lines.append("- `prompt_bank.npz`: the prompt bank (`prompts`, `rater`, `heldout`) "
-                 f"with its cached embeddings (`embeddings`, d={meta['embedding_dim']}, "
-                 f"from `{meta.get('encoder_name', '')}`).")
-  lines += ["- `*.jaxexport`: functions serialized with `jax.export` (StableHLO); `b`, "
-            "`p` and `n` are symbolic sizes.", "", "## Functions"]
-  for name, fn in meta["functions"].items():
-    lines.append(f"- `{fn['file']}`: ({'; '.join(fn['inputs'])}) -> "
-                 f"({'; '.join(fn['outputs'])})")
-  s2 = meta.get("stage2")
-  lines += [
-      "", "Images are NHWC float32, intensity-normalised as at training (data format "
-      f"`{meta['data']['format']}`; see `predict --help`), "
-      f"{meta['data']['image_size']}x{meta['data']['image_size']}.",
-      "`decode` returns logits: apply a sigmoid for probabilities; `z = mu + "
-      "exp(log_sigma) * eps` with `eps ~ N(0, 1)` gives prior samples (Stage-1 "
-      "hypotheses).",
-  ]
-  if s2:
-    lines.append(
-        f"`prompt_probs` draws K={s2['eval_num_samples']} prior samples per image from "
-        "its key (`jax.random.key_data(jax.random.key(seed))`, or any two uint32) and "
-        "weights them by the softmax of their scores against the projected prompt "
-        "embedding. Bank prompts take their row of `prompt_bank.npz`'s `embeddings`; free "
-        f"text needs the text encoder `{meta['text']['kind']}` / "
-        f"`{meta['text']['model'] or 'its default weights'}`.")
-  lines += [
-      "", "## Use", "```python",
-      "import jax, numpy as np",
-      "from safetensors.numpy import load_file",
-      "weights = load_file('params.safetensors')",
-      "with open('prior.jaxexport', 'rb') as f:",
-      "  prior = jax.export.deserialize(bytearray(f.read()))",
-      "mu, log_sigma = prior.call(weights, images)",
-      "```", "",
-      "Or: `python -m prosona_jax.predict --model=THIS_FOLDER --input=scan.nii.gz "
-      "--prompt=\"...\" --out=out/`.", ""]
-  return "\n".join(lines)
-
-
-def write_export(out_dir: str, config: ml_collections.ConfigDict,
-                 weights: dict[str, np.ndarray], *, bank=None, source: dict | None = None,
-                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
-  """Writes an export folder; `bank` None means a Stage-1 model (no projector)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  has_projector = any(k.startswith("projector/") for k in weights)
-  if has_projector and (bank is None or bank.embeddings is None):
-    raise inference.InferenceError("Exporting a projector needs the embedded prompt bank.")
-  weights = {k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()}
-  meta = export_metadata(config, bank=bank if has_projector else None,
-                         has_projector=has_projector, source=source, platforms=platforms)
-  exported = export_functions(config, weights, embedding_dim=meta["embedding_dim"],
-                              platforms=platforms)
-  os.makedirs(out_dir, exist_ok=True)
-  wpath = os.path.join(out_dir, "params.safetensors")
-  save_file(weights, wpath, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-  os.chmod(wpath, 0o644)  # safetensors writes 0600; a model folder is meant to be shared.
-  for name, exp in exported.items():
-    with open(os.path.join(out_dir, FUNCTION_FILES[name]), "wb") as f:
-      f.write(exp.serialize())
-  if has_projector:
-    bank.save(os.path.join(out_dir, "prompt_bank.npz"))
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(meta, f, indent=1)
-  with open(os.path.join(out_dir, "README.md"), "w") as f:
-    f.write(readme(meta))
-  return meta
-
-
-def export_run(workdir: str, out_dir: str, *, fold: int | None = None,
-               config: ml_collections.ConfigDict | None = None,
-               stage2_dir: str | None = None, cell: int | None = None,
-               platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
-  """Exports one fold of a training run (Stage 1 only when it has no Stage 2)."""
-  run = inference.load_run(workdir, fold=fold, config=config, stage2_dir=stage2_dir,
-                           cell=cell)
-  return write_export(out_dir, run.config, run.weights, bank=run.bank, source=run.source,
-                      platforms=platforms)
-
-
-# ---------------------------------------------------------------- command line
-def define_flags() -> None:
-  """Flags of the CLI; defined only when run as a program, so importing stays side-free."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "Training run to export.")
-  flags.DEFINE_string("out", None, "Output model folder.")
-  flags.DEFINE_integer("fold", None, "Fold to export (default: the config's, or 0).")
-  flags.DEFINE_string("stage2_dir", None,
-                      "A Stage-2 directory to export instead of WORKDIR/fold<k>/stage2.")
-  flags.DEFINE_integer("cell", None, "With a grid's WORKDIR/fold<k>/grid: the cell index.")
-  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
-                    "Platforms to lower for (cpu, cuda, rocm, tpu).")
-  config_flags.DEFINE_config_file("config", None, "Overrides WORKDIR/config.json.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run to export.")
+_OUT = flags.DEFINE_string("out", None, "Output model folder.")
+_FOLD = flags.DEFINE_integer("fold", None, "Fold to export (default: the config's, or 0).")
+_STAGE2_DIR = flags.DEFINE_string(
+    "stage2_dir", None, "A Stage-2 directory to export instead of WORKDIR/fold<k>/stage2.")
+_CELL = flags.DEFINE_integer("cell", None, "With a grid's WORKDIR/fold<k>/grid: the cell index.")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda"],
+                               "Platforms to lower for (cpu, cuda, rocm, tpu).")
+_CONFIG = cli.define_config_file("config", None, "Overrides WORKDIR/config.json.")
 
 
 def main(argv):
-  logger.start_cli(argv, progress=False)
-  f = flags.FLAGS
-  if not f.workdir or not f.out:
-    raise app.UsageError("--workdir and --out are required.")
-  try:
-    meta = export_run(f.workdir, f.out, fold=f.fold, config=f.config,
-                      stage2_dir=f.stage2_dir, cell=f.cell, platforms=f.platforms)
-  except (inference.InferenceError, FileNotFoundError) as e:
-    raise SystemExit(f"export: {e}") from None
-  print(f"Exported {', '.join(meta['functions'])} to {f.out}")
+  del argv
+  from prosona_jax import exporter  # pylint: disable=g-import-not-at-top
+  from prosona_jax.inference import InferenceError  # pylint: disable=g-import-not-at-top
+
+  if not _WORKDIR.value or not _OUT.value:
+    raise InferenceError("--workdir and --out are required")
+  meta = exporter.export_run(_WORKDIR.value, _OUT.value, fold=_FOLD.value, config=_CONFIG.value,
+                             stage2_dir=_STAGE2_DIR.value, cell=_CELL.value,
+                             platforms=_PLATFORMS.value)
+  print(f"Exported {', '.join(meta['functions'])} to {_OUT.value}")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, name="export")

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prosona_jax.errors import UserError
+
 Weights = Mapping[str, Any]
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
   """A model folder, run or input that cannot be used; the message names what and where."""
 
 
@@ -79,20 +81,20 @@ def split_weights(weights: Weights) -> tuple[dict, dict | None]:
 def prior_samples(mu_BD: jax.Array, log_sigma_BD: jax.Array, keys_B2: jax.Array,
                   num: int) -> jax.Array:
   """(B, num, D) reparameterised prior samples, image i's noise from its own key."""
+  from prosona_jax.models import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
   draw = lambda k: jax.random.normal(jax.random.wrap_key_data(k), (num, mu_BD.shape[-1]),
                                      mu_BD.dtype)
-  eps_BND = jax.vmap(draw)(keys_B2)
-  return mu_BD[:, None] + jnp.exp(log_sigma_BD)[:, None] * eps_BND
+  return prompt_lib.prior_samples_BKD(mu_BD, log_sigma_BD, jax.vmap(draw)(keys_B2))
 
 
 def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
   """The pure inference functions of the model the config describes (module docstring)."""
   # Imported here: a loaded export runs without building the Flax model.
-  from prosona_jax import stage1  # pylint: disable=g-import-not-at-top
-  from prosona_jax import stage2  # pylint: disable=g-import-not-at-top
+  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
+  from prosona_jax.models import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
 
-  model = stage1.build_model(config)
-  projector = stage2.build_projector(config)
+  model = prob_unet.build_from_config(config)
+  projector = prompt_lib.build_projector(config)
   num_samples = int(config.stage2.eval_num_samples)
   scale_scores = bool(config.stage2.scale_scores)
 
@@ -103,7 +105,7 @@ def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
   def decode(weights, images, z_BND):
     frozen, _ = split_weights(weights)
     feats = model.apply(frozen, images, False, method="features")
-    return stage2.decode_prompts(model, frozen, feats, z_BND)
+    return prompt_lib.decode_prompts(model, frozen, feats, z_BND)
 
   def prompt_probs(weights, images, emb_PE, keys_B2):
     frozen, proj = split_weights(weights)
@@ -113,9 +115,9 @@ def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
     feats = model.apply(frozen, images, False, method="features")
     mu, log_sigma = model.apply(frozen, images, method="prior_dist")
     z_BKD = prior_samples(mu, log_sigma, keys_B2, num_samples)
-    logits, _, _ = stage2.prompt_logits(model, frozen, projector, proj,
-                                        stage2.Shared(feats, z_BKD), emb_PE,
-                                        scale_scores=scale_scores)
+    logits, _, _ = prompt_lib.prompt_logits(model, frozen, projector, proj,
+                                            prompt_lib.Shared(feats, z_BKD), emb_PE,
+                                            scale_scores=scale_scores)
     return jax.nn.sigmoid(logits)
 
   return {"prompt_probs": prompt_probs, "prior": prior, "decode": decode}
@@ -135,13 +137,35 @@ def load_config(workdir: str, override: ml_collections.ConfigDict | None = None
   """The config a run saved (`WORKDIR/config.json`), or `override` when given."""
   if override is not None:
     return override
-  path = os.path.join(workdir, "config.json")
+  from prosona_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from prosona_jax import layout  # pylint: disable=g-import-not-at-top
+  path = layout.config_path(workdir)
+  if not os.path.isdir(workdir):
+    raise InferenceError(f"{workdir}: no such run directory")
   if not os.path.isfile(path):
     raise InferenceError(
         f"{path}: not found. Runs trained before the config was saved need "
         "--config=configs/NAME.py (with the same overrides as at training).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      loaded = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise InferenceError(f"{path}: not readable JSON ({e})") from e
+  # Fields added since the run was made take their defaults.
+  from prosona_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(
+      _with_defaults(config_lib.migrate(loaded), config_defaults.base_config().to_dict()))
+
+
+def _with_defaults(loaded: dict, defaults: dict) -> dict:
+  """`loaded` with every field of `defaults` it lacks (recursively)."""
+  out = dict(loaded)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], value)
+  return out
 
 
 @dataclasses.dataclass
@@ -157,8 +181,8 @@ def _grid_cell(projector: dict, config, cell: int | None, where: str) -> tuple[d
   """One cell's projector from a grid checkpoint (leaves stacked over cells), or as is."""
   if np.ndim(projector["params"]["out"]["bias"]) == 1:
     return projector, {}
-  from prosona_jax import grid  # pylint: disable=g-import-not-at-top
-  cells = grid.cells_of(config)
+  from prosona_jax import config_lib  # pylint: disable=g-import-not-at-top
+  cells = config_lib.grid_cells(config)
   n = int(np.shape(projector["params"]["out"]["bias"])[0])
   listing = ", ".join(f"{i}: alpha={a:g} beta={b:g}" for i, (a, b) in enumerate(cells[:n]))
   if cell is None or not 0 <= cell < n:
@@ -187,19 +211,25 @@ def load_run(workdir: str, *, fold: int | None = None,
     require_stage2: raise when there is no Stage-2 checkpoint (else Stage 1 only).
   """
   from prosona_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from prosona_jax import parallel  # pylint: disable=g-import-not-at-top
+  from prosona_jax import layout  # pylint: disable=g-import-not-at-top
   from prosona_jax import prompt_bank  # pylint: disable=g-import-not-at-top
-  from prosona_jax import stage2_train  # pylint: disable=g-import-not-at-top
+  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   config = load_config(workdir, config)
   if fold is None:
     fold = max(int(config.data.fold), 0)
-  s1_dir = stage2_train.stage1_checkpoint_dir(config, workdir, fold)
-  _, state = stage2_train.load_stage1(config, s1_dir, parallel.make_mesh())
-  state = jax.device_get(state)
+  s1_dir = layout.stage2_init_dir(config, workdir, fold)
+  if checkpointing.latest_step_dir(s1_dir) is None:
+    raise InferenceError(f"{s1_dir}: no Stage-1 checkpoint (is {workdir} a trained run? "
+                         "--fold picks another fold)")
+  abstract = jax.eval_shape(lambda r: prob_unet.init_from_config(config, r),
+                            jax.random.key(0))
+  fields = ("params", "batch_stats") if abstract["batch_stats"] else ("params",)
+  frozen, _ = checkpointing.load_params(s1_dir, abstract, fields=fields)
+  frozen = jax.device_get(frozen)
   projector, bank = None, None
-  s2_dir = stage2_dir or os.path.join(workdir, f"fold{fold}", "stage2")
+  s2_dir = stage2_dir or layout.stage_dir(workdir, fold, "stage2")
   ckpt_dir = os.path.join(s2_dir, "checkpoints")
   if os.path.isdir(ckpt_dir):
     ckpt = checkpointing.Checkpointer(ckpt_dir)
@@ -222,7 +252,8 @@ def load_run(workdir: str, *, fold: int | None = None,
     raise InferenceError(f"{ckpt_dir}: no Stage-2 checkpoint; train Stage 2 or pass "
                          "--stage2_dir=DIR.")
   return RunModel(config=config,
-                  weights=model_weights(state.params, state.batch_stats, projector),
+                  weights=model_weights(frozen["params"], frozen.get("batch_stats", {}),
+                                        projector),
                   bank=bank,
                   source={"workdir": os.path.abspath(workdir), "fold": int(fold),
                           "stage1_checkpoints": os.path.abspath(s1_dir),

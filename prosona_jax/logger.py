@@ -28,14 +28,11 @@ def quiet_library_logs() -> None:
       lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
 
 
-def start_cli(argv, *, progress: bool) -> None:
-  """What every command-line tool does first: refuse stray positional arguments, then
-  quiet the logs. `progress`: keep this package's INFO lines (training progress) and drop
-  only Orbax's; otherwise (one-shot tools) log warnings and errors only."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+def set_verbosity(*, progress: bool) -> None:
+  """The log level of a command-line tool (`cli.run`). `progress`: keep this package's
+  INFO lines (training progress) and drop only Orbax's; otherwise (one-shot tools) log
+  warnings and errors only."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
   if progress:
     quiet_library_logs()
   else:

@@ -133,9 +133,10 @@ def weight_norm(params: Mapping[str, Any], *, include_biases: bool = True) -> ja
 
 def _gaussian_sample(rng: jax.Array, mu_BD: jax.Array, log_sigma_BD: jax.Array,
                      num: int | None = None) -> jax.Array:
-  # Reparameterised: gradients reach mu and sigma (PyTorch's rsample).
+  """One (B, D) or `num` (num, B, D) reparameterised samples of N(mu, sigma^2)."""
   shape = mu_BD.shape if num is None else (num,) + mu_BD.shape
-  return mu_BD + jnp.exp(log_sigma_BD) * jax.random.normal(rng, shape, mu_BD.dtype)
+  return prob_unet.gaussian_sample(mu_BD, log_sigma_BD,
+                                   jax.random.normal(rng, shape, mu_BD.dtype))
 
 
 def stage1_loss(params: Any, batch_stats: Any, model: prob_unet.ProbUNet,

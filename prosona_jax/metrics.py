@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import optimize
 
+# The columns of every results table (summary.md, grid.md, validation logs).
+SUMMARY_KEYS = ("ged", "dice_soft", "dice_max", "dice_max_reverse", "dice_match")
 CONVENTIONS = ("dpersona", "standard")
 # Fixed by METRICS.md (and by D-Persona's `dice_at_thresh`).
 DICE_SOFT_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -40,7 +40,7 @@ def _bind(fn: Callable, weights: dict) -> Callable:
 
 
 def _read_meta(model_dir: str) -> dict:
-  from prosona_jax import export  # pylint: disable=g-import-not-at-top
+  from prosona_jax import exporter  # pylint: disable=g-import-not-at-top
   path = os.path.join(model_dir, "config.json")
   if not os.path.isdir(model_dir):
     raise InferenceError(f"{model_dir}: no such model folder")
@@ -52,14 +52,14 @@ def _read_meta(model_dir: str) -> dict:
       meta = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise InferenceError(f"{path}: not readable JSON ({e})") from e
-  if not isinstance(meta, dict) or meta.get("format") != export.FORMAT:
+  if not isinstance(meta, dict) or meta.get("format") != exporter.FORMAT:
     got = meta.get("format") if isinstance(meta, dict) else None
-    raise InferenceError(f"{path}: field 'format' is {got!r}, expected {export.FORMAT!r}: "
+    raise InferenceError(f"{path}: field 'format' is {got!r}, expected {exporter.FORMAT!r}: "
                          "not a prosona_jax export")
-  if meta.get("format_version") != export.FORMAT_VERSION:
+  if meta.get("format_version") != exporter.FORMAT_VERSION:
     raise InferenceError(
         f"{path}: field 'format_version' is {meta.get('format_version')!r}, but this "
-        f"prosona_jax reads version {export.FORMAT_VERSION} (the folder was written by "
+        f"prosona_jax reads version {exporter.FORMAT_VERSION} (the folder was written by "
         f"prosona_jax {meta.get('prosona_jax_version', '?')}); re-export it with this "
         "version or use the matching prosona_jax.")
   for field in ("data", "model", "functions"):
@@ -107,11 +107,11 @@ def load_workdir(workdir: str, *, fold: int | None = None, config=None,
                  stage2_dir: str | None = None, cell: int | None = None
                  ) -> tuple[LoadedModel, Any]:
   """Loads a training run's fold in-framework; returns the model and the run's config."""
-  from prosona_jax import export  # pylint: disable=g-import-not-at-top
+  from prosona_jax import exporter  # pylint: disable=g-import-not-at-top
   run = inference.load_run(workdir, fold=fold, config=config, stage2_dir=stage2_dir,
                            cell=cell)
   has_projector = run.bank is not None
-  meta = export.export_metadata(run.config, bank=run.bank, has_projector=has_projector,
+  meta = exporter.export_metadata(run.config, bank=run.bank, has_projector=has_projector,
                                 source=run.source,
                                 platforms=(jax_export.default_export_platform(),))
   weights = jax.device_put(run.weights)

@@ -71,6 +71,14 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
   return out
 
 
+def local_slice(batch: dict, n: int) -> dict:
+  """This process's share of an eval batch that every process iterates identically."""
+  p, count = jax.process_index(), jax.process_count()
+  per = n // count
+  return {k: v[p * per:(p + 1) * per] for k, v in batch.items()
+          if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+
+
 def replicate(tree, mesh: Mesh):
   """Places a pytree of host or device arrays replicated on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))

@@ -1,15 +1,18 @@
-"""The training loop shared by both stages: resume, steps, logging, checkpoints, preemption.
+"""The training loop every method shares: resume, steps, logging, checkpoints, preemption.
 
-A stage supplies a compiled `train_step(state, batch) -> (state, metrics)`, a Grain
+A method supplies a compiled `train_step(state, batch) -> (state, metrics)`, a Grain
 iterator and callbacks; this module owns everything around them. Metrics are fetched to
 the host only on logging steps, so the device runs ahead of Python between them.
+
+Hooks (`fit(..., hooks=[...])`) are called after every step with the step number (counted
+from 1) and the state, as nanodo's loop calls its progress and profiling hooks; tests use
+them to inject faults (a SIGKILL or SIGTERM after a given step).
 """
 
 import dataclasses
-import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import logging
 from flax import struct
@@ -21,6 +24,8 @@ import optax
 from prosona_jax import checkpointing
 from prosona_jax import logger as logger_lib
 from prosona_jax import parallel
+
+Hook = Callable[[int, "TrainState"], None]
 
 
 class TrainState(struct.PyTreeNode):
@@ -131,18 +136,6 @@ class _SigtermFlag:
     return self.received
 
 
-# Fault injection for tests (tests/test_train.py): after step N (counted from 1) the
-# process sends itself SIGKILL (a crash: no clean-up, an asynchronous save of step N may be
-# half written) or SIGTERM (a preemption). Unset in normal runs.
-_FAULT_ENV = {"PROSONA_FAULT_SIGKILL_AT_STEP": signal.SIGKILL,
-              "PROSONA_FAULT_SIGTERM_AT_STEP": signal.SIGTERM}
-
-
-def _faults_from_env() -> dict[int, signal.Signals]:
-  return {int(os.environ[name]): sig for name, sig in _FAULT_ENV.items()
-          if os.environ.get(name)}
-
-
 @dataclasses.dataclass
 class LoopConfig:
   name: str  # e.g. "stage1/fold0": used in progress lines and metric names.
@@ -162,7 +155,8 @@ def _fmt_time(seconds: float) -> str:
 def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
         ckpt: checkpointing.Checkpointer, writer: logger_lib.MetricWriter, mesh,
         lr_fn: Callable[[int], float] | None = None,
-        eval_fn: Callable[[TrainState, int], dict] | None = None) -> TrainState:
+        eval_fn: Callable[[TrainState, int], dict] | None = None,
+        hooks: Sequence[Hook] = ()) -> TrainState:
   """Runs `train_step` from the state's step to `loop.total_steps`, resuming if possible.
 
   Args:
@@ -177,13 +171,14 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
     lr_fn: learning rate at a step, for logging.
     eval_fn: validation `(state, step) -> metrics`, run every `loop.eval_every` steps and
       at the end.
+    hooks: called as `hook(step, state)` after every step (step counted from 1).
 
   Returns:
     The final state (also checkpointed).
   """
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, _ = ckpt.restore(latest, state, iterator)
+  restored, _, latest = checkpointing.load_state_if_possible(ckpt, state, iterator)
+  if restored is not None:
+    state = restored
     logging.info("%s: resumed from the checkpoint of step %d.", loop.name, latest)
   start = int(jax.device_get(state.step))
   if start >= loop.total_steps:
@@ -201,7 +196,6 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
           f"{loop.name}: the loss became NaN or infinite at step {bad}; stopping. {kept} "
           "(lower the learning rate or check the data).")
 
-  faults = _faults_from_env()
   t_start, t_last, step_last = time.time(), time.time(), start
   with _SigtermFlag() as sigterm:
     for step in range(start, loop.total_steps):
@@ -235,8 +229,8 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
       if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 \
           and done < loop.total_steps:
         writer.scalars(done, {f"val/{k}": v for k, v in eval_fn(state, done).items()})
-      if done in faults:
-        os.kill(os.getpid(), faults[done])
+      for hook in hooks:
+        hook(done, state)
   check_finite(loop.total_steps)
   ckpt.save(loop.total_steps, state, iterator, {"stage": loop.name})
   ckpt.wait()

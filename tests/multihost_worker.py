@@ -1,7 +1,10 @@
-"""One process of `test_multihost.py`: runs `prosona_jax.main` and records what it did.
+"""One process of `test_multihost.py`: runs a tool and records what it did.
 
-Not a test itself. Besides the normal run it writes, into `$PROSONA_TEST_OUT`:
-  params_<process>.npz   the final Stage-1 parameters this process holds (host copy)
+Not a test itself. `python tests/multihost_worker.py TOOL FLAGS...` runs
+`python -m prosona_jax.TOOL FLAGS...` (`main` or `grid`). Besides the normal run it
+writes, into `$PROSONA_TEST_OUT`:
+  params_<process>.npz   the parameters this process holds at the end of the last
+                         training loop (host copy)
   writes_<process>.json  files this process opened for writing (or renamed, or created as
                          directories) under the work directory, outside `checkpoints/`
 and, when `PROSONA_TEST_SIGTERM_AT=k` names a step, sends itself SIGTERM right after its
@@ -52,31 +55,30 @@ def main() -> None:
   writes: list[str] = []
   _record_writes(workdir, writes)
 
+  tool = sys.argv.pop(1)
+  import functools  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from prosona_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from prosona_jax import cli  # pylint: disable=g-import-not-at-top
   from prosona_jax import trainer  # pylint: disable=g-import-not-at-top
+  tool_module = importlib.import_module(f"prosona_jax.{tool}")
 
   sigterm_at = int(os.environ.get("PROSONA_TEST_SIGTERM_AT", "0"))
   fit = trainer.fit
+  calls = [0]
+
+  def signal_then_slow_down(step, state):
+    del step, state
+    calls[0] += 1  # This process's steps, counted over resumes within the process.
+    if calls[0] == sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    elif calls[0] > sigterm_at:
+      # Real steps take long enough for the notice to reach every host before the
+      # run ends; tiny CPU steps may not on a loaded machine, so make them slow.
+      time.sleep(1.0)
 
   def recording_fit(loop, **kwargs):
-    if sigterm_at:
-      step_fn, calls = kwargs["train_step"], [0]
-
-      def step_then_signal(state, batch):
-        result = step_fn(state, batch)
-        calls[0] += 1
-        if calls[0] == sigterm_at:
-          os.kill(os.getpid(), signal.SIGTERM)
-        elif calls[0] > sigterm_at:
-          # Real steps take long enough for the notice to reach every host before the
-          # run ends; tiny CPU steps may not on a loaded machine, so make them slow.
-          time.sleep(1.0)
-        return result
-
-      kwargs["train_step"] = step_then_signal
     state = fit(loop, **kwargs)
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
     np.savez(os.path.join(out, f"params_{jax.process_index()}.npz"),
@@ -84,8 +86,9 @@ def main() -> None:
     return state
 
   trainer.fit = recording_fit
+  hooks = (signal_then_slow_down,) if sigterm_at else ()
   try:
-    app.run(main_lib.main)
+    cli.run(functools.partial(tool_module.main, hooks=hooks), name=tool, progress=True)
   finally:
     # `jax.process_index()` is valid here: main initialised the runtime first.
     with open(os.path.join(out, f"writes_{jax.process_index()}.json"), "w") as f:

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from prosona_jax import convert
+from prosona_jax import converter as convert
 from prosona_jax import inference
-from prosona_jax import predict
-from prosona_jax import stage1
+from prosona_jax import predictor as predict
+from prosona_jax.models import prob_unet
 from configs import tiny
 
 SIZE, LATENT, RATERS = 32, 6, 4
@@ -228,7 +228,7 @@ def test_converted_model_matches_pytorch(backbone, tmp_path):
     t_post = net.posterior(torch.cat([xt, torch.from_numpy(masks)], 1))
     t_logits = net.fcomb(t_feats, torch.from_numpy(z))[:, 0]
 
-  model = stage1.build_model(config)
+  model = prob_unet.build_from_config(config)
   frozen, _ = inference.split_weights(weights)
   feats = jax.jit(lambda v, x: model.apply(v, x, False, method="features"))(frozen, x)
   mu, log_sigma = model.apply(frozen, x, method="prior_dist")

@@ -12,26 +12,28 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from prosona_jax import export
+from prosona_jax import exporter as export
 from prosona_jax import inference
 from prosona_jax import model_loader
 from prosona_jax import parallel
 from prosona_jax import prompt_bank
-from prosona_jax import stage2
-from prosona_jax import stage2_train
+from prosona_jax.methods import prosona_stage2 as stage2
+from prosona_jax.models import prob_unet
+from prosona_jax.models import prompt as prompt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-  """The run's config, Stage-1 state and projector params, read the training way."""
+  """The run's config, frozen Stage-1 variables and projector params, read the training way."""
   config = inference.load_config(tiny_run)
-  model, state = stage2_train.load_stage1(
+  model = prob_unet.build_from_config(config)
+  frozen = stage2.load_frozen(
       config, os.path.join(tiny_run, "fold0", "stage1", "checkpoints"), parallel.make_mesh())
   run = inference.load_run(tiny_run)
   proj = inference.unflatten(run.weights)["projector"]
-  return config, model, jax.device_get(state), proj
+  return config, model, jax.device_get(frozen), proj
 
 
 def test_folder_holds_weights_config_bank_functions_and_readme(tiny_export, tiny_run):
@@ -58,16 +60,16 @@ def test_params_safetensors_reload_into_the_model_exactly(tiny_export, trained):
   _, _, state, proj = trained
   tree = inference.unflatten(load_file(os.path.join(tiny_export, "params.safetensors")))
   assert set(tree) == {"params", "projector"}  # The plain U-Net has no batch_stats.
-  assert jax.tree.structure(tree["params"]) == jax.tree.structure(state.params)
-  for got, want in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(state.params)):
+  assert jax.tree.structure(tree["params"]) == jax.tree.structure(state["params"])
+  for got, want in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(got, want)
   for got, want in zip(jax.tree.leaves(tree["projector"]), jax.tree.leaves(proj)):
     np.testing.assert_array_equal(got, want)
 
 
 def _reference(config, model, state, proj, images, emb, keys):
-  """Prompt probabilities with the training code's pieces (stage2.prompt_logits)."""
-  projector = stage2.build_projector(config)
+  """Prompt probabilities with the training code's pieces (prompt_lib.prompt_logits)."""
+  projector = prompt_lib.build_projector(config)
 
   @jax.jit
   def run(frozen, proj, images, emb, keys):
@@ -76,11 +78,11 @@ def _reference(config, model, state, proj, images, emb, keys):
     eps = jnp.stack([jax.random.normal(jax.random.wrap_key_data(keys[i]), (4, mu.shape[-1]))
                      for i in range(keys.shape[0])])
     z = mu[:, None] + jnp.exp(log_sigma)[:, None] * eps
-    logits, _, _ = stage2.prompt_logits(model, frozen, projector, proj,
-                                        stage2.Shared(feats, z), emb, scale_scores=True)
+    logits, _, _ = prompt_lib.prompt_logits(model, frozen, projector, proj,
+                                            prompt_lib.Shared(feats, z), emb, scale_scores=True)
     return jax.nn.sigmoid(logits), mu, log_sigma, feats
 
-  frozen = stage2.frozen_from_state(state)
+  frozen = state
   probs, mu, log_sigma, feats = run(frozen, proj, images, emb, keys)
   return np.asarray(probs), (mu, log_sigma), (frozen, feats)
 
@@ -151,9 +153,9 @@ def test_exports_one_cell_of_a_grid_checkpoint(tiny_run, trained, tmp_path):
 def test_predictor_prompt_passes_agree(trained):
   """Decoding the prompts one per pass, three per pass or all at once: the same masks."""
   config, model, state, proj = trained
-  projector = stage2.build_projector(config)
+  projector = prompt_lib.build_projector(config)
   mesh = parallel.make_mesh()
-  frozen = stage2.frozen_from_state(state)
+  frozen = state
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.random((2, 32, 32, 1), np.float32))
   embed_dim = proj["params"]["hidden"]["kernel"].shape[0]

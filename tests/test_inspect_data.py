@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from prosona_jax import inspect_data
+from prosona_jax.data import inspect as inspect_data
 from prosona_jax.data.synthetic import SyntheticSource
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -73,6 +73,6 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "prosona_jax.inspect_data", str(tmp_path / "none.npz")],
       cwd=REPO, capture_output=True, text=True, check=False)
-  assert result.returncode == 1
+  assert result.returncode == 2  # A user mistake: cli.EXIT_USER_ERROR.
   assert "none.npz" in result.stderr and "no such" in result.stderr
   assert "Traceback" not in result.stderr

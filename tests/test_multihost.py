@@ -51,7 +51,9 @@ class _Launch:
   """`num_processes` workers on one work directory; `wait()` returns their exit codes."""
 
   def __init__(self, tmp, name: str, workdir, num_processes: int,
-               extra_env: dict[int, dict[str, str]] | None = None):
+               extra_env: dict[int, dict[str, str]] | None = None,
+               command: tuple[str, ...] = ("main", "--config=configs/tiny.py:stage1",
+                                           f"--config.stage1.max_steps={STEPS}")):
     self.out = tmp / name
     self.out.mkdir()
     self.procs = []
@@ -66,8 +68,7 @@ class _Launch:
       env.update((extra_env or {}).get(i, {}))
       with open(self.out / f"log_{i}.txt", "w") as log:
         self.procs.append(subprocess.Popen(
-            [sys.executable, WORKER, "--config=configs/tiny.py:stage1",
-             f"--workdir={workdir}", f"--config.stage1.max_steps={STEPS}"],
+            [sys.executable, WORKER, *command, f"--workdir={workdir}"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True))
 
@@ -169,3 +170,33 @@ def test_checkpoint_holds_every_process_iterator(runs):
   data = tmp / "work_two/fold0/stage1/checkpoints" / str(STEPS) / "data"
   assert sorted(p.name for p in data.glob("process_*.json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
+
+
+# ---------------------------------------------------------------- the ablation grid
+
+GRID = ("grid", "--config=configs/tiny.py", "--config.stage1.max_steps=4",
+        "--config.stage2.max_steps=4", "--config.stage2.grid_alpha=(0.0,1.0)",
+        "--config.stage2.grid_beta=(0.5,)", "--config.stage2.eval_every_epochs=0",
+        "--config.stage1.eval_every_epochs=0")
+
+
+def test_two_process_grid_starts_the_runtime_and_matches_one_process(tmp_path):
+  """`grid` on two processes initialises the distributed runtime (as `main` does) and
+  trains every cell to what the single-process grid trains them to."""
+  one = _Launch(tmp_path, "grid_one", tmp_path / "grid_one", 1, command=GRID)
+  two = _Launch(tmp_path, "grid_two", tmp_path / "grid_two", 2, command=GRID)
+  assert two.wait() == [0, 0], two.logs()
+  assert one.wait() == [0], one.logs()
+  assert "Distributed: process 0 of 2" in two.log(0), two.logs()
+  assert "Distributed: process 1 of 2" in two.log(1), two.logs()
+  assert "Distributed" not in one.log(0)
+  # The recorded parameters are the grid's (its loop runs last): both cells stacked.
+  grid_params = two.params(0)
+  assert all(v.shape[0] == 2 for v in grid_params.values()), {
+      k: v.shape for k, v in grid_params.items()}
+  _assert_params_close(two.params(0), two.params(1), atol=0.0)
+  _assert_params_close(one.params(0), grid_params, atol=1e-5)
+  cells = [json.loads((tmp_path / d / "grid.json").read_text())["cells"]
+           for d in ("grid_one", "grid_two")]
+  for a, b in zip(*cells):
+    np.testing.assert_allclose(a["folds"]["0"]["ged"], b["folds"]["0"]["ged"], atol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prosona_jax import predict
+from prosona_jax import predictor as predict
 from prosona_jax.inference import InferenceError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +147,6 @@ def test_bad_inputs_and_models_get_errors_naming_them(tiny_export, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "prosona_jax.predict", f"--model={future}", f"--input={good}",
        f"--out={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2  # A user mistake: cli.EXIT_USER_ERROR.
   assert "predict: " in proc.stderr and "format_version" in proc.stderr
   assert "Traceback" not in proc.stderr

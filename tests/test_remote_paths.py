@@ -15,7 +15,9 @@ import pytest
 from etils import epath
 from prosona_jax import figures
 from prosona_jax import logger
-from prosona_jax import train
+from prosona_jax import evaluate
+from prosona_jax import layout
+from prosona_jax import metrics
 
 
 class _FakeGCS(MemoryFileSystem):
@@ -68,10 +70,10 @@ def test_metric_writer_stages_locally_and_resumes(bucket):
 
 def test_eval_json_summary_and_figures(bucket):
   result = {"convention": "dpersona", "fold": 0,
-            "mean": {k: 0.5 for k in train.SUMMARY_KEYS}}
-  train.write_json(f"{bucket}/eval/stage1_fold0.json", result)
+            "mean": {k: 0.5 for k in metrics.SUMMARY_KEYS}}
+  layout.write_json(f"{bucket}/eval/stage1_fold0.json", result)
   assert json.loads(epath.Path(f"{bucket}/eval/stage1_fold0.json").read_text()) == result
-  text = train.write_summary(bucket)
+  text = evaluate.write_summary(bucket)
   assert "| stage1 | 0 | dpersona |" in text
   assert epath.Path(f"{bucket}/eval/summary.md").read_text() == text
   fig = plt.figure()
@@ -80,7 +82,7 @@ def test_eval_json_summary_and_figures(bucket):
 
 
 def test_prompt_bank_cache_and_grid_tables_on_gcs(bucket):
-  from prosona_jax import grid
+  from prosona_jax import ablation as grid
   from prosona_jax import prompt_bank
   from configs import tiny
   bank = prompt_bank.PromptBank.from_config(tiny.get_config().text.prompts)

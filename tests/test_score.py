@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from prosona_jax import metrics
-from prosona_jax import score
+from prosona_jax import scoring as score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def test_cli_error_exit_status_and_message(files, tmp_path):
   paths, _, _ = files
   missing = str(tmp_path / "missing.npy")
   proc = _cli("--labels", missing, "--preds", paths["preds"])
-  assert proc.returncode == 1
+  assert proc.returncode == 2  # A user mistake: cli.EXIT_USER_ERROR.
   assert f"--labels: file not found: {missing}" in proc.stderr
   proc = _cli("--labels", paths["labels"], "--preds", paths["preds"], "--convention", "x")
   assert proc.returncode != 0 and "--convention" in proc.stderr

@@ -9,8 +9,8 @@
 End-to-end runs are subprocesses on configs/tiny.py, shared between tests by module-scoped
 fixtures. They share a persistent compilation cache (compiles are most of a tiny run's
 CPU time; XLA compiles the same program to the same executable either way). Faults are
-injected with the trainer's `PROSONA_FAULT_*_AT_STEP` hooks so that they land on a known
-step.
+injected through training-loop hooks (`tests/fault_worker.py`, which runs `main` with
+hooks chosen by `PROSONA_FAULT_*_AT_STEP`) so that they land on a known step.
 """
 
 import importlib.util
@@ -32,14 +32,17 @@ import pytest
 
 from prosona_jax import checkpointing
 from prosona_jax import logger as logger_lib
+from prosona_jax import optimizers
 from prosona_jax import parallel
-from prosona_jax import stage1
-from prosona_jax import train
+from prosona_jax import run
 from prosona_jax import trainer
 from prosona_jax.data import pipeline
 from prosona_jax.data import sources
+from prosona_jax.methods import prosona_stage1
+from prosona_jax.models import prob_unet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULT_WORKER = os.path.join(REPO, "tests", "fault_worker.py")
 # 33 training images at batch 8: 4 steps per epoch, 12 steps, checkpoints every 2 steps.
 TINY = ("--config=configs/tiny.py:stage1", "--config.stage1.epochs=3",
         "--config.stage1.checkpoint_every=2")
@@ -66,7 +69,7 @@ def _env(extra: dict) -> dict:
 
 def _start(workdir, *flags, config=TINY, env=None) -> subprocess.Popen:
   return subprocess.Popen(
-      [sys.executable, "-m", "prosona_jax.main", *config, f"--workdir={workdir}", *flags],
+      [sys.executable, FAULT_WORKER, "main", *config, f"--workdir={workdir}", *flags],
       cwd=REPO, env=_env(env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)
 
@@ -299,10 +302,10 @@ def _dp_train(devices) -> tuple[dict, list[float], dict]:
   source = sources.source_from_config(config.data)
   loader = pipeline.train_loader(source, np.arange(32), batch_size=config.data.batch_size,
                                  seed=0, shard_index=0, shard_count=1, augment_rotate=False)
-  model = stage1.build_model(config)
-  tx, _ = stage1.make_optimizer(config.stage1, 4)
-  state = stage1.init_state(model, config, tx, mesh, jax.random.key(0))
-  step_fn = stage1.make_train_step(model, tx, config, mesh, jax.random.key(1))
+  model = prob_unet.build_from_config(config)
+  tx, _ = optimizers.adam(config.stage1, 4)
+  state = prosona_stage1.init_state(model, config, tx, mesh, jax.random.key(0))
+  step_fn = prosona_stage1.make_train_step(model, tx, config, mesh, jax.random.key(1))
   iterator, losses = iter(loader), []
   for _ in range(DP_STEPS):
     batch = parallel.to_global(next(iterator), mesh)
@@ -361,7 +364,7 @@ def test_dry_run_writes_exact_parameter_counts(tmp_path):
     # Meanwhile, in this process: D-Persona's posterior sees all four masks.
     config = _load_config("configs/lidc.py")
     config.model.posterior_input = "all"
-    summary_all = train.dry_run(config, str(tmp_path / "dry_all"))
+    summary_all = run.dry_run(config, str(tmp_path / "dry_all"))
   finally:
     rc, out = _finish(proc)
   assert rc == 0, out[-3000:]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import Optional, Union
 
+from prosona_jax.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Input data that does not match the expected format.
 
   The message always names the file (or folder), the record key or array name

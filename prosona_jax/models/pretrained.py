@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from prosona_jax.models import backbone as backbone_lib
+from prosona_jax.errors import UserError
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError, ValueError):
   """A weights file lacks a tensor, or a tensor has the wrong shape."""
 
 

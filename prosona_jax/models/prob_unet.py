@@ -238,12 +238,38 @@ def init_inputs(model: ProbUNet, *, image_size: int, in_channels: int,
 
 def init_variables(model: ProbUNet, rng: jax.Array, *, image_size: int,
                    in_channels: int) -> dict[str, Any]:
-  """Initialises {'params', 'batch_stats'} (batch_stats is {} for the plain U-Net)."""
+  """Initialises {'params', 'batch_stats'} (batch_stats is {} for the plain U-Net).
+
+  The one initialisation of a Stage-1 model: training, restoring (through
+  `jax.eval_shape`) and conversion all start here. Callers jit it (eagerly, Flax
+  compiles one RNG kernel per parameter shape).
+  """
   x, m = init_inputs(model, image_size=image_size, in_channels=in_channels)
-  # One compiled init: eager init compiles an RNG kernel per parameter shape instead.
-  variables = dict(jax.jit(lambda key: model.init(key, x, m, train=False))(rng))
+  variables = dict(model.init({"params": rng}, x, m, train=False))
   variables.setdefault("batch_stats", {})
   return variables
+
+
+def init_from_config(config: Any, rng: jax.Array) -> dict[str, Any]:
+  """`init_variables` of the model `config` describes (`build_from_config`)."""
+  return init_variables(build_from_config(config), rng, image_size=int(config.data.image_size),
+                        in_channels=int(config.data.in_channels))
+
+
+def build_from_config(config: Any) -> ProbUNet:
+  """The Stage-1 model of a whole config (`config.model` and the data's rater count)."""
+  return build_model(config.model, num_raters=int(config.data.num_raters),
+                     in_channels=int(config.data.in_channels))
+
+
+def gaussian_sample(mu: jax.Array, log_sigma: jax.Array, eps: jax.Array) -> jax.Array:
+  """The reparameterised sample `mu + exp(log_sigma) * eps` (broadcasting).
+
+  Gradients reach mu and sigma (PyTorch's `rsample`). Every latent sample of the
+  package, prior or posterior, in training, evaluation and export, is drawn here; the
+  callers only choose the noise's shape and key.
+  """
+  return mu + jnp.exp(log_sigma) * eps
 
 
 def decode_samples(model: ProbUNet, params: Any, features_BHWF: jax.Array,

