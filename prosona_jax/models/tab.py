@@ -191,7 +191,7 @@ def sine_position_encoding(h: int, w: int, num_pos_feats: int = 128,
   return np.concatenate([embed(y), embed(x)], axis=-1).astype(np.float32)
 
 
-def _attention(cfg_heads: int, dropout: float, name: str) -> nn.MultiHeadDotProductAttention:
+def _attention(num_heads: int, dropout: float, name: str) -> nn.MultiHeadDotProductAttention:
   """Flax's attention as PyTorch's nn.MultiheadAttention computes it.
 
   Same parameters (q, k, v and out projections with biases: 4 d^2 + 4 d), same head
@@ -201,7 +201,7 @@ def _attention(cfg_heads: int, dropout: float, name: str) -> nn.MultiHeadDotProd
   Projection biases start at zero as in PyTorch.
   """
   return nn.MultiHeadDotProductAttention(
-      num_heads=cfg_heads, dropout_rate=dropout, broadcast_dropout=False,
+      num_heads=num_heads, dropout_rate=dropout, broadcast_dropout=False,
       kernel_init=_QKV_INIT, out_kernel_init=_XAVIER, bias_init=nn.initializers.zeros,
       out_bias_init=nn.initializers.zeros, name=name)
 
@@ -299,7 +299,7 @@ class Transformer(nn.Module):
 
 def joint_softmax_attention_map(q_BQD: jax.Array, k_BHWD: jax.Array, num_heads: int
                                 ) -> jax.Array:
-  """Attention maps (B, Q, heads, h, w) of projected queries over projected keys.
+  """Attention maps (B, Q, M, h, w), M heads, of projected queries over projected keys.
 
   Scale d_h^-0.5 on the query, as DETR's MHAttentionMap. The softmax runs jointly over
   heads x positions (the reference flattens (heads, h, w) before it), so the maps of
@@ -310,9 +310,10 @@ def joint_softmax_attention_map(q_BQD: jax.Array, k_BHWD: jax.Array, num_heads: 
   dh = d // num_heads
   qh = q_BQD.reshape(b, q, num_heads, dh) * (dh ** -0.5)
   kh = k_BHWD.reshape(b, h, w, num_heads, dh)
-  logits_BQNHW = jnp.einsum("bqnc,bhwnc->bqnhw", qh, kh,
+  logits_BQMHW = jnp.einsum("bqmc,bhwmc->bqmhw", qh, kh,
                             precision=jax.lax.Precision.HIGHEST)
-  weights = jax.nn.softmax(logits_BQNHW.reshape(b, q, num_heads * h * w), axis=-1)
+  # One softmax over the flattened (M, h, w), as the reference's `flatten(2)`.
+  weights = jax.nn.softmax(logits_BQMHW.reshape(b, q, num_heads * h * w), axis=-1)
   return weights.reshape(b, q, num_heads, h, w)
 
 
@@ -361,13 +362,11 @@ class MaskHead(nn.Module):
   mask_dim: int = 32
 
   @nn.compact
-  def __call__(self, src_BHWD: jax.Array, attn_BQNHW: jax.Array,
+  def __call__(self, src_BHWD: jax.Array, attn_BQMHW: jax.Array,
                skips: Sequence[jax.Array], train: bool) -> jax.Array:
-    b, q = attn_BQNHW.shape[:2]
-    attn_NHWK = jnp.moveaxis(attn_BQNHW, 2, -1).reshape((b * q,) + attn_BQNHW.shape[3:]
-                                                         + (attn_BQNHW.shape[2],))
-    x = jnp.concatenate([jnp.repeat(src_BHWD, q, axis=0), attn_NHWK], axis=-1)
-    x = nn.relu(x)
+    b, q, m, h, w = attn_BQMHW.shape
+    attn_NHWM = jnp.moveaxis(attn_BQMHW, 2, -1).reshape(b * q, h, w, m)  # N = B*Q rows.
+    x = nn.relu(jnp.concatenate([jnp.repeat(src_BHWD, q, axis=0), attn_NHWM], axis=-1))
     for i, skip in enumerate(skips):
       x = UpBlock(256, name=f"up{i + 1}")(x, skip, train)
     return nn.ConvTranspose(self.mask_dim, (2, 2), strides=(2, 2), padding="VALID",
@@ -392,20 +391,20 @@ class LowRankGaussian(NamedTuple):
 
 
 def heads_to_gaussian(mean_NHWC: jax.Array, diag_NHWC: jax.Array,
-                      factor_NHWCK: jax.Array, batch: int, rank: int) -> LowRankGaussian:
-  """The reference's `.view`s of the (B*Q)-row NCHW head maps into a LowRankGaussian.
+                      factor_NHWF: jax.Array, batch: int, rank: int) -> LowRankGaussian:
+  """The reference's `.view`s of the head maps (N = B*Q rows, image-major) into Gaussians.
 
-  The factor map (C*K channels) is read as PyTorch does: the NCHW tensor
+  The factor map (F = C*K channels) is read as PyTorch does: each row's NCHW tensor
   (C*K, H, W) flattened row-major and viewed as (C*H*W, K). Row n of W is therefore
-  entries n*K..n*K+K-1 of that flat array, i.e. K neighbouring pixels of one channel
-  map, not the K channels at pixel n: the factor mixes spatial positions. Kept to
-  match the reference.
+  entries n*K..n*K+K-1 of that flat array, i.e. (mostly) K consecutive pixels of one
+  of the C*K channel maps, not the K channels at pixel n: the factor mixes spatial
+  positions. Kept to match the reference.
   """
   n = mean_NHWC.shape[0]
   q = n // batch
   mean = jnp.transpose(mean_NHWC, (0, 3, 1, 2)).reshape(batch, q, -1)
   diag = jnp.transpose(diag_NHWC, (0, 3, 1, 2)).reshape(batch, q, -1)
-  factor = jnp.transpose(factor_NHWCK, (0, 3, 1, 2)).reshape(batch, q, -1, rank)
+  factor = jnp.transpose(factor_NHWF, (0, 3, 1, 2)).reshape(batch, q, -1, rank)
   return LowRankGaussian(mean, factor, diag)
 
 
@@ -475,16 +474,16 @@ class TAB(nn.Module):
         d, self.num_heads, self.dim_feedforward, self.dropout, self.enc_layers,
         self.dec_layers, name="transformer")(src.reshape(b, hh * ww, d), pos_LD, query_QD,
                                              train)
-    attn = AttentionMap(d, self.num_heads, name="attention_map")(
+    attn_BQMHW = AttentionMap(d, self.num_heads, name="attention_map")(
         hs_BQD, memory_BLD.reshape(b, hh, ww, d))
-    seg = MaskHead(self.mask_dim, name="mask_head")(src, attn, [layer3, layer2, layer1, conv1],
-                                                    train)
-    seg = nn.relu(backbone_lib.batch_norm(train, "bnout", jnp.float32)(seg))
+    seg_NHWC = MaskHead(self.mask_dim, name="mask_head")(
+        src, attn_BQMHW, [layer3, layer2, layer1, conv1], train)  # N = B*Q rows.
+    seg_NHWC = nn.relu(backbone_lib.batch_norm(train, "bnout", jnp.float32)(seg_NHWC))
     head = lambda f, name: nn.Conv(f, (1, 1), kernel_init=_TORCH_DEFAULT_INIT,
                                    bias_init=_torch_bias_init(self.mask_dim), name=name)
-    mean = head(self.num_classes, "mean_head")(seg)
-    diag = jnp.abs(head(self.num_classes, "diag_head")(seg)) + DIAG_EPSILON
-    factor = head(self.num_classes * self.rank, "factor_head")(seg)
+    mean = head(self.num_classes, "mean_head")(seg_NHWC)
+    diag = jnp.abs(head(self.num_classes, "diag_head")(seg_NHWC)) + DIAG_EPSILON
+    factor = head(self.num_classes * self.rank, "factor_head")(seg_NHWC)
     return heads_to_gaussian(mean, diag, factor, b, self.rank)
 
 
