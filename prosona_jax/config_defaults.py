@@ -113,6 +113,6 @@ def base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- evaluation
   e = c.eval = ml_collections.ConfigDict()
   e.num_samples = 10  # Prior samples per test image in Stage-1 scoring.
-  e.convention = "dpersona"  # dpersona | standard (see METRICS.md).
+  e.convention = "dpersona"  # dpersona | standard (see docs/metrics.md).
   e.num_images_logged = 4  # Images written to TensorBoard and figures.
   return c

@@ -1,4 +1,4 @@
-r"""Scores saved predictions against multi-rater labels (every metric of METRICS.md).
+r"""Scores saved predictions against multi-rater labels (every metric of docs/metrics.md).
 
 Usage:
   python -m prosona_jax.score --labels L.npy --preds P.npy \
@@ -190,7 +190,8 @@ def define_flags() -> None:
   flags.DEFINE_string("labels", None, ".npy file of rater masks (N, R, H, W) in {0, 1}.")
   flags.DEFINE_string("preds", None, ".npy file of probabilities (N, S, H, W) in [0, 1].")
   flags.DEFINE_enum("convention", "dpersona", list(metrics.CONVENTIONS),
-                    "What empty masks are worth (see METRICS.md).")
+                    "What empty masks are worth: dpersona (the D-Persona/ProSona tables) or "
+                    "standard (Probabilistic U-Net/PHiSeg); see docs/metrics.md.")
   flags.DEFINE_bool("rank_by_area", False,
                     "Sort each image's raters by ascending area before scoring.")
   flags.DEFINE_alias("rank-by-area", "rank_by_area")

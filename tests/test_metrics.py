@@ -1,6 +1,6 @@
 """Tests of prosona_jax.metrics against hand-computed values and a naive loop reference.
 
-The reference below is written straight from METRICS.md, one image and one pair of masks at
+The reference below is written straight from docs/metrics.md, one image and one pair of masks at
 a time, with Python integers and float64 (it shares no code with the module).
 """
 

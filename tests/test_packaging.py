@@ -78,7 +78,7 @@ def test_score_help_from_another_directory(tmp_path):
   # module was found and its flags defined.
   assert result.returncode in (0, 1), result.stderr
   assert "No module named" not in result.stderr
-  assert "--convention" in result.stdout
+  assert "--convention" in result.stdout and "docs/metrics.md" in result.stdout
 
 
 def test_score_runs_from_another_directory(tmp_path):
