@@ -134,7 +134,8 @@ def run_stage1(config, workdir: str, fold: int, source, split, mesh):
     images = np.stack([source[int(i)]["image"] for i in split.test[:config.eval.num_images_logged]])
     figures.samples_panel(images, labels, preds, keys,
                           os.path.join(eval_dir, f"stage1_samples_fold{fold}.png"),
-                          rater_names=config.data.rater_names)
+                          rater_names=config.data.rater_names,
+                          order_raters_by_area=config.data.order_raters_by_area)
   writer.close()
   logging.info("%s test: %s", name,
                "  ".join(f"{k} {result['mean'][k]:.4f}" for k in SUMMARY_KEYS))
