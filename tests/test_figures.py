@@ -117,9 +117,10 @@ def test_interpolation_strip_names_its_image(captured):
 
 def test_overlay_says_which_slice_it_shows(captured):
   images, _, preds, _ = _data()
-  predict._overlay(images[0], preds[0], list(LIDC_PROMPTS), "unused.png", 0.5,  # pylint: disable=protected-access
-                   subtitle="slice 12 of 30 (from 0) along axis 2")
-  predict._overlay(images[0], preds[0], list(LIDC_PROMPTS), "unused.png", 0.5)  # pylint: disable=protected-access
+  overlay = predict._overlay  # pylint: disable=protected-access
+  overlay(images[0], preds[0], list(LIDC_PROMPTS), "unused.png", 0.5,
+          subtitle="slice 12 of 30 (from 0) along axis 2")
+  overlay(images[0], preds[0], list(LIDC_PROMPTS), "unused.png", 0.5)
   assert "slice 12 of 30" in captured[0].axes[0].get_title().replace("\n", " ")
   assert captured[1].axes[0].get_title() == ""
 
