@@ -11,6 +11,7 @@ plain U-Net backbone and smaller images.
 from prosona_jax import config_defaults
 from prosona_jax import config_lib
 from prosona_jax import prompt_bank
+from prosona_jax.data import synthetic
 
 
 def get_config(arg: str | None = None):
@@ -20,7 +21,7 @@ def get_config(arg: str | None = None):
   c.data.format = "synthetic"
   c.data.image_size = 64
   c.data.num_raters = 4
-  c.data.rater_names = ("conservative", "tight", "moderate", "inclusive")
+  c.data.rater_names = synthetic.RATER_NAMES
   c.data.synthetic.num_images = 320
   c.data.synthetic.num_patients = 80
   c.data.batch_size = 8

@@ -1,7 +1,7 @@
 """Stage-1 losses: Dice, KL, the bound loss, weight regularisation and their sum.
 
 Plain functions with keyword-only options. Where the ProSona paper and D-Persona's code
-differ, the paper is the default and D-Persona's behaviour is an option (METHOD.md).
+differ, the paper is the default and D-Persona's behaviour is an option (docs/method.md).
 """
 
 from typing import Any, Mapping

@@ -1,6 +1,6 @@
 """Multi-rater segmentation metrics: GED, Dice Soft, Dice Max, Dice Match, Dice Each.
 
-The definitions are those of `specs/METRICS.md`. For one image, `labels` are R binary rater
+The definitions are those of `docs/metrics.md`. For one image, `labels` are R binary rater
 masks and `preds` are S probability maps; a prediction is binarised with the strict test
 `p > 0.5`. Every metric takes a `convention` for what empty masks are worth:
 
@@ -32,7 +32,7 @@ from scipy import optimize
 # The columns of every results table (summary.md, grid.md, validation logs).
 SUMMARY_KEYS = ("ged", "dice_soft", "dice_max", "dice_max_reverse", "dice_match")
 CONVENTIONS = ("dpersona", "standard")
-# Fixed by METRICS.md (and by D-Persona's `dice_at_thresh`).
+# Fixed by docs/metrics.md (and by D-Persona's `dice_at_thresh`).
 DICE_SOFT_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # Predictions are foreground where p > BINARY_THRESHOLD (strict).
 BINARY_THRESHOLD = 0.5
@@ -553,7 +553,7 @@ def dice_soft(labels: Any, preds: Any, *, convention: str = "dpersona",
     labels: (N, R, H, W) binary rater masks.
     preds: (N, S, H, W) probabilities.
     convention: `dpersona` or `standard` (the Dice formula; see the module docstring).
-    thresholds: the thresholds (METRICS.md: 0.1, 0.3, 0.5, 0.7, 0.9).
+    thresholds: the thresholds (docs/metrics.md: 0.1, 0.3, 0.5, 0.7, 0.9).
     reduction: `none` for (N,) per-image values, `mean` for their mean.
 
   Returns:
@@ -568,7 +568,7 @@ def dice_soft(labels: Any, preds: Any, *, convention: str = "dpersona",
 
 def score(labels: Any, preds: Any, *, convention: str = "dpersona",
           rank_by_area: bool = False) -> dict[str, Any]:
-  """Scores predictions against multi-rater labels with every metric of METRICS.md.
+  """Scores predictions against multi-rater labels with every metric of docs/metrics.md.
 
   Args:
     labels: (N, R, H, W) binary rater masks, values in {0, 1}.

@@ -92,7 +92,7 @@ class Predictor:
 
 
 def _overlay(image_hwc: np.ndarray, probs_Phw: np.ndarray, titles: list[str], path: str,
-             threshold: float) -> None:
+             threshold: float, subtitle: str | None = None) -> None:
   # Importing figures selects matplotlib's Agg backend.
   from prosona_jax import figures  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -109,6 +109,8 @@ def _overlay(image_hwc: np.ndarray, probs_Phw: np.ndarray, titles: list[str], pa
       ax.imshow(rgba)
       title = textwrap.fill(titles[j - 1], 20, max_lines=3, placeholder="...")
       ax.set_title(f"{title}\n{int(m.sum())} px", fontsize=6)
+  if subtitle:  # Which image (and which slice of a volume) the panels show.
+    axes[0, 0].set_title(textwrap.fill(subtitle, 24), fontsize=6)
   figures.save(fig, path, dpi=100)
 
 
@@ -177,7 +179,9 @@ def _predict_volume(opts: Options, predictor: Predictor, vol: image_io.Volume, s
     files.append(image_io.write_mask(vol, full[j] > opts.threshold, opts.out, label))
   s = _pick_slice(probs, opts.threshold)
   files.append(os.path.join(opts.out, f"{vol.stem}_overlay.png"))
-  _overlay(vol.slices[s], probs[s], titles, files[-1], opts.threshold)
+  where = (None if vol.axis is None
+           else f"slice {s} of {len(vol.slices)} (from 0) along axis {vol.axis}")
+  _overlay(vol.slices[s], probs[s], titles, files[-1], opts.threshold, subtitle=where)
   out = {"files": files}
   if strip is not None:
     from prosona_jax import figures  # pylint: disable=g-import-not-at-top

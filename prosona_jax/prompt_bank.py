@@ -23,7 +23,7 @@ import numpy as np
 
 Phrasings = tuple[tuple[str, ...], ...]
 
-# LIDC: raters ordered per image from the smallest to the largest mask (METHOD.md).
+# LIDC: raters ordered per image from the smallest to the largest mask (docs/method.md).
 LIDC_PROMPTS: dict[str, Phrasings] = {
     "train": (
         ("conservative mask of the solid nodule core only",

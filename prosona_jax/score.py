@@ -1,4 +1,4 @@
-r"""Scores saved predictions against multi-rater labels (every metric of METRICS.md).
+r"""Scores saved predictions against multi-rater labels (every metric of docs/metrics.md).
 
 Usage:
   python -m prosona_jax.score --labels L.npy --preds P.npy \
@@ -18,7 +18,9 @@ from prosona_jax import metrics
 _LABELS = flags.DEFINE_string("labels", None, ".npy file of rater masks (N, R, H, W) in {0, 1}.")
 _PREDS = flags.DEFINE_string("preds", None, ".npy file of probabilities (N, S, H, W) in [0, 1].")
 _CONVENTION = flags.DEFINE_enum("convention", "dpersona", list(metrics.CONVENTIONS),
-                                "What empty masks are worth (see docs/metrics.md).")
+                                "What empty masks are worth: dpersona (the D-Persona/ProSona "
+                                "tables) or standard (Probabilistic U-Net/PHiSeg); see "
+                                "docs/metrics.md.")
 _RANK_BY_AREA = flags.DEFINE_bool("rank_by_area", False,
                                   "Sort each image's raters by ascending area before scoring.")
 flags.DEFINE_alias("rank-by-area", "rank_by_area")

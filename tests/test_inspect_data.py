@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from prosona_jax.data import inspect as inspect_data
 from prosona_jax.data.synthetic import SyntheticSource
 
 REPO = pathlib.Path(__file__).parents[1]
-CROPS = REPO.parent / "shared" / "data" / "data_lidc_sample.pickle"
 KEYS = {"num_images", "num_raters", "num_patients", "fold_sizes", "rater_mean_area",
         "num_empty_masks"}
 
@@ -56,10 +54,8 @@ def test_cli_synthetic_json_and_png(tmp_path):
   assert "images per fold" in out.stdout and (tmp_path / "s.png").exists()
 
 
-def test_cli_on_the_lidc_sample(tmp_path):
-  if not CROPS.exists():
-    pytest.skip(f"{CROPS} not found")
-  out = _cli(str(CROPS), f"--json={tmp_path / 'l.json'}")
+def test_cli_on_the_lidc_sample(shared_data, tmp_path):
+  out = _cli(str(shared_data / "data_lidc_sample.pickle"), f"--json={tmp_path / 'l.json'}")
   summary = json.loads((tmp_path / "l.json").read_text())
   assert set(summary) == KEYS
   assert summary["num_images"] == 6 and summary["num_raters"] == 4

@@ -1,12 +1,11 @@
 """Tests of prosona_jax.metrics against hand-computed values and a naive loop reference.
 
-The reference below is written straight from METRICS.md, one image and one pair of masks at
+The reference below is written straight from docs/metrics.md, one image and one pair of masks at
 a time, with Python integers and float64 (it shares no code with the module).
 """
 
 import itertools
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from scipy import ndimage
 from prosona_jax import metrics
 
 CONVENTIONS = ("dpersona", "standard")
-LIDC = "/work/shared/data/lidc_showcase6.npz"
 TOL = 1e-6  # float32 Dice (dpersona, as D-Persona) vs the float64 reference.
 
 
@@ -109,10 +107,10 @@ def empty_fraction(masks):
 
 
 @pytest.fixture(scope="module")
-def lidc():
-  if not os.path.exists(LIDC):
-    pytest.skip(f"{LIDC} not available")
-  return np.load(LIDC)["masks"]
+def lidc(shared_data):
+  """Real rater masks (6, 4, 128, 128), rater slots as stored."""
+  with np.load(shared_data / "lidc_showcase6.npz") as z:
+    return z["masks"]
 
 
 # ----------------------------------------------------------------------------- hand cases

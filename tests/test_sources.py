@@ -16,27 +16,36 @@ from prosona_jax.data.sources import detect_format, open_source, source_from_con
 from prosona_jax import config_defaults
 
 REPO = pathlib.Path(__file__).parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-CROPS = SHARED_DATA / "data_lidc_sample.pickle"
-ATTRIBUTES = SHARED_DATA / "lidc_attributes_sample.pkl"
-SHOWCASE = SHARED_DATA / "lidc_showcase6.npz"
+# The shared LIDC samples (conftest's `shared_data` fixture finds their folder).
+CROPS = "data_lidc_sample.pickle"
+ATTRIBUTES = "lidc_attributes_sample.pkl"
+SHOWCASE = "lidc_showcase6.npz"
 
 
 @pytest.fixture(scope="module")
-def showcase():
-  if not (CROPS.exists() and ATTRIBUTES.exists() and SHOWCASE.exists()):
-    pytest.skip(f"LIDC samples not found under {SHARED_DATA}")
-  with np.load(SHOWCASE) as z:
+def showcase(shared_data):
+  with np.load(shared_data / SHOWCASE) as z:
     return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def crops(shared_data):
+  return shared_data / CROPS
+
+
+@pytest.fixture(scope="module")
+def attributes(shared_data):
+  return shared_data / ATTRIBUTES
 
 
 def _items(source):
   return [source[i] for i in range(len(source))]
 
 
-@pytest.mark.parametrize("path,fmt,tol", [(CROPS, "lidc_crops", 0.0),
+@pytest.mark.parametrize("name,fmt,tol", [(CROPS, "lidc_crops", 0.0),
                                           (ATTRIBUTES, "lidc_attributes", 0.5 / 255 + 1e-6)])
-def test_lidc_pickles_match_the_showcase(showcase, path, fmt, tol):
+def test_lidc_pickles_match_the_showcase(shared_data, showcase, name, fmt, tol):
+  path = shared_data / name
   assert detect_format(path) == fmt
   source = open_source(path, order_raters_by_area=False)
   assert source.format_name == fmt and len(source) == 6 and source.num_raters == 4
@@ -51,8 +60,8 @@ def test_lidc_pickles_match_the_showcase(showcase, path, fmt, tol):
     assert item["key"] == showcase["keys"][i]
 
 
-def test_lidc_default_orders_raters_by_area_stably(showcase):
-  source = open_source(CROPS)  # LIDC default: ordered.
+def test_lidc_default_orders_raters_by_area_stably(showcase, crops):
+  source = open_source(crops)  # LIDC default: ordered.
   assert source.order_raters_by_area
   areas = showcase["masks"].sum(axis=(2, 3))
   order = np.argsort(areas, axis=1, kind="stable")
@@ -74,10 +83,10 @@ print(source.format_name, source.mask_areas().tolist(), float(source[2]["image"]
 """
 
 
-def test_crops_pickle_loads_without_pydicom(showcase):
-  out = subprocess.run([sys.executable, "-c", _NO_PYDICOM, str(CROPS)], cwd=REPO,
+def test_crops_pickle_loads_without_pydicom(crops):
+  out = subprocess.run([sys.executable, "-c", _NO_PYDICOM, str(crops)], cwd=REPO,
                        capture_output=True, text=True, check=True).stdout.split(" ", 1)
-  source = open_source(CROPS)
+  source = open_source(crops)
   assert out[0] == "lidc_crops"
   assert out[1].strip() == f"{source.mask_areas().tolist()} {float(source[2]['image'].sum())}"
 
@@ -90,9 +99,9 @@ def test_pydicom_stand_ins(monkeypatch):
   assert safe_pickle.resolve_global("f", "dicom.UID", "UID") is safe_pickle.UID
 
 
-def test_sources_pickle_for_grain_workers(showcase):
+def test_sources_pickle_for_grain_workers(attributes):
   import grain.python as grain  # pylint: disable=g-import-not-at-top
-  source = open_source(ATTRIBUTES)
+  source = open_source(attributes)
   copy = pickle.loads(pickle.dumps(source))
   assert copy.keys == source.keys and "lidc_attributes" in repr(copy)
   np.testing.assert_array_equal(copy[3]["masks"], source[3]["masks"])

@@ -1,6 +1,7 @@
 """Tests of the synthetic multi-rater set: determinism, rater styles, speed."""
 
 import pickle
+import re
 import time
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 
 from prosona_jax.data.errors import DataError
 from prosona_jax.data.sources import open_source
-from prosona_jax.data.synthetic import RATER_STYLES, SyntheticSource, rater_styles
+from prosona_jax.data.synthetic import (RATER_NAMES, RATER_STYLES, SyntheticSource,
+                                        rater_names, rater_styles)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,27 @@ def test_rater_styles_are_distinct_and_ordered(small):
   assert small.styles == RATER_STYLES
   for r in (1, 2, 3, 6):
     assert len(rater_styles(r)) == r and len(set(rater_styles(r))) == r
+
+
+def test_one_list_of_rater_names_that_fits_the_prompt_bank(small):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from prosona_jax import prompt_bank  # pylint: disable=g-import-not-at-top
+  assert len(RATER_NAMES) == 4 and len(set(RATER_NAMES)) == 4
+  assert [s.split(":")[0] for s in RATER_STYLES] == list(RATER_NAMES)
+  assert tuple(demo.get_config().data.rater_names) == RATER_NAMES
+  assert small.rater_names == RATER_NAMES == rater_names(4)
+  for r in (1, 2, 3, 6):
+    assert len(rater_names(r)) == r and len(set(rater_names(r))) == r
+  # No name borrows a word the synthetic prompt bank uses for another rater.
+  bank = prompt_bank.SYNTHETIC_PROMPTS
+  for k, name in enumerate(RATER_NAMES):
+    for other in range(4):
+      if other == k:
+        continue
+      words = set(re.findall(r"[a-z]+", " ".join(bank["train"][other]
+                                                  + bank["heldout"][other]).lower()))
+      for word in name.split("-"):
+        assert word not in words, (name, word, other)
 
 
 @pytest.mark.parametrize("num_raters", [2, 6])

@@ -5,6 +5,7 @@ The library behind `python -m prosona_jax.inspect_data` (see its `--help`).
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -62,35 +63,40 @@ def draw_examples(source: ArraySource, path: str, num_examples: int = 4,
                   rater_names: Optional[Sequence[str]] = None) -> List[int]:
   """Draws images with each rater's mask contour (Agg backend) to `path`.
 
-  Prefers images on which some rater drew something, evenly spread over the set.
+  Prefers images on which some rater drew something, evenly spread over the set. The
+  legend names the raters by `figures.rater_labels`: ranks when the source orders raters
+  by area, else `rater_names` (default: the source's own names, if it has any).
 
   Returns:
     The indices drawn.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
+  from prosona_jax import figures  # pylint: disable=g-import-not-at-top (selects Agg)
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   drawn = np.flatnonzero(source.mask_areas().sum(axis=1) > 0)
   pool = drawn if len(drawn) >= num_examples else np.arange(len(source))
   picks = [int(pool[i]) for i in np.linspace(0, len(pool) - 1, min(num_examples, len(pool))
                                              ).round().astype(int)]
-  names = list(rater_names or [f"rater{k + 1}" for k in range(source.num_raters)])
-  colors = plt.get_cmap("viridis")(np.linspace(0, 1, source.num_raters))
-  fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 3.3), squeeze=False)
+  r_total = source.num_raters
+  names = figures.rater_labels(rater_names or getattr(source, "rater_names", None),
+                               source.order_raters_by_area, r_total)
+  # Bright colours only: viridis' dark end vanished on dark lung tissue.
+  colors = plt.get_cmap("turbo")(np.linspace(0.15, 0.95, r_total))
+  # Constrained layout keeps the titles and the legend inside the saved figure.
+  fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 3.6), squeeze=False,
+                           layout="constrained")
   for ax, index in zip(axes[0], picks):
     item = source[index]
     image = item["image"]
     ax.imshow(image[..., 0] if image.shape[-1] != 3 else image, cmap="gray")
-    for r in range(source.num_raters):
+    for r in range(r_total):
       if item["masks"][r].any():
         ax.contour(item["masks"][r], levels=[0.5], colors=[colors[r]], linewidths=1)
-    ax.set_title(item["key"], fontsize=8)
+    # Keys can be longer than a panel is wide (about 40 characters at 8 pt).
+    ax.set_title(textwrap.fill(str(item["key"]), 40), fontsize=8)
     ax.axis("off")
-  handles = [plt.Line2D([], [], color=colors[r], label=names[r])
-             for r in range(source.num_raters)]
-  fig.legend(handles=handles, loc="lower center", ncol=source.num_raters, fontsize=8)
-  fig.tight_layout(rect=(0, 0.08, 1, 1))
-  fig.savefig(path, dpi=100)
+  handles = [plt.Line2D([], [], color=colors[r], label=names[r]) for r in range(r_total)]
+  fig.legend(handles=handles, loc="outside lower center", ncol=min(r_total, 4), fontsize=8)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
   return picks

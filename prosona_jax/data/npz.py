@@ -64,7 +64,7 @@ def compact_masks(masks: np.ndarray, order_by_area: bool) -> Tuple[np.ndarray, n
   Args:
     masks: uint8 (N, R, H, W) in {0, 1}.
     order_by_area: Re-order the raters of each image by ascending foreground
-      area, stable so that ties keep their stored order (METHOD.md).
+      area, stable so that ties keep their stored order (docs/method.md).
 
   Returns:
     `(packed, areas)`: uint8 (N, R, H, ceil(W / 8)) and int32 (N, R) areas in

@@ -14,8 +14,8 @@ the whole faint zone plus a generous margin). Rater 1 also misses lesions
 fainter than 0.25. Each rater's boundary gets small smooth noise (about 3% of
 the radius) per lesion. Mean areas therefore grow strictly with the rater
 index, with wide gaps, so a model conditioned on a rater's description can be
-checked against a known rule (the texts are `RATER_STYLES`, matching the
-synthetic prompt bank of `prosona_jax.prompt_bank`).
+checked against a known rule (the names are `RATER_NAMES`, the texts
+`RATER_STYLES`, matching the synthetic prompt bank of `prosona_jax.prompt_bank`).
 
 Item i depends only on (seed, i, num_patients, image size, raters): the set is
 generated eagerly at construction from per-item seeds, so a larger set starts
@@ -35,17 +35,35 @@ _CORE_T, _RIM_T, _MARGIN = 0.8, 1.15, 0.3  # Anchors of the rater rule (module d
 _MISS_CONTRAST = 0.25  # Rater 1 does not see lesions fainter than this.
 _BOUNDARY_NOISE = 0.03  # Std of each rater's radial boundary harmonics.
 
-RATER_STYLES: Tuple[str, ...] = (
-    "conservative: solid core only, misses faint lesions",
-    "moderate: the core plus a thin rim",
-    "generous: the core and halfway into the faint zone",
-    "inclusive: the core plus the whole faint zone, with a generous margin",
+# The one list of the four styles' names, conservative to inclusive (configs/demo.py's
+# `data.rater_names`, inspect_data's card and legend). Each names its rule, and none reuses
+# a word that the synthetic prompt bank uses for another rater ("tight" describes the core
+# only there, "generous" the widest margin).
+RATER_NAMES: Tuple[str, ...] = ("conservative", "thin-rim", "halfway", "inclusive")
+_RULES = (
+    "solid core only, misses faint lesions",
+    "the core plus a thin rim",
+    "the core and halfway into the faint zone",
+    "the core plus the whole faint zone, with a generous margin",
 )
+RATER_STYLES: Tuple[str, ...] = tuple(f"{n}: {r}" for n, r in zip(RATER_NAMES, _RULES))
 _ANCHORS = (0.0, 1 / 3, 2 / 3, 1.0)  # Rater positions s of the four styles.
 
 
 def _positions(num_raters: int) -> np.ndarray:
   return np.linspace(0.0, 1.0, num_raters) if num_raters > 1 else np.array([1 / 3])
+
+
+def _nearest(texts: Tuple[str, ...], num_raters: int) -> Tuple[str, ...]:
+  """Each rater's text of the nearest of the four styles, marked when raters share one."""
+  nearest = [int(np.argmin(np.abs(np.array(_ANCHORS) - s))) for s in _positions(num_raters)]
+  out = []
+  for k, a in enumerate(nearest):
+    text = texts[a]
+    if nearest.count(a) > 1:
+      text += f" (rater {k + 1} of {num_raters})"
+    out.append(text)
+  return tuple(out)
 
 
 def rater_styles(num_raters: int = 4) -> Tuple[str, ...]:
@@ -54,14 +72,12 @@ def rater_styles(num_raters: int = 4) -> Tuple[str, ...]:
   With R != 4 raters, each gets the text of the nearest of the four styles,
   marked with its position when several raters share a text.
   """
-  nearest = [int(np.argmin(np.abs(np.array(_ANCHORS) - s))) for s in _positions(num_raters)]
-  styles = []
-  for k, a in enumerate(nearest):
-    text = RATER_STYLES[a]
-    if nearest.count(a) > 1:
-      text += f" (rater {k + 1} of {num_raters})"
-    styles.append(text)
-  return tuple(styles)
+  return _nearest(RATER_STYLES, num_raters)
+
+
+def rater_names(num_raters: int = 4) -> Tuple[str, ...]:
+  """One short name per rater (RATER_NAMES for 4 raters; see `rater_styles`)."""
+  return _nearest(RATER_NAMES, num_raters)
 
 
 def rater_thresholds(num_raters: int, halo: float) -> np.ndarray:
@@ -201,6 +217,7 @@ class SyntheticSource(ArraySource):
         order_raters_by_area=order_raters_by_area, format_name="synthetic")
     self.seed, self.num_patients = seed, num_patients
     self.styles: Tuple[str, ...] = rater_styles(num_raters)
+    self.rater_names: Tuple[str, ...] = rater_names(num_raters)
 
   def describe(self) -> str:
     return super().describe() + f", seed {self.seed}"

@@ -123,4 +123,5 @@ class Stage1(base.Method):
     images = np.stack([fold.source[int(i)]["image"] for i in fold.split.test[:n]])
     figures.samples_panel(images, test.labels, test.probs, test.keys,
                           os.path.join(eval_dir, f"stage1_samples_fold{fold.fold}.png"),
-                          rater_names=self.config.data.rater_names)
+                          rater_names=self.config.data.rater_names,
+                          order_raters_by_area=self.config.data.order_raters_by_area)

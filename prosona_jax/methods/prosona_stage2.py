@@ -316,7 +316,9 @@ class Stage2(base.Method):
     figures.prompt_panel(images, labels[order], probs[order][:, canon],
                          [keys[i] for i in order], [bank.prompts[j] for j in canon],
                          os.path.join(eval_dir, f"stage2_prompts_fold{fold.fold}.png"),
-                         rater_names=config.data.rater_names)
+                         rater_names=config.data.rater_names,
+                         order_raters_by_area=config.data.order_raters_by_area)
     figures.interpolation_strip(
         images[0], strip, alphas, bank.prompts[a], bank.prompts[b],
-        os.path.join(eval_dir, f"stage2_interpolation_fold{fold.fold}.png"))
+        os.path.join(eval_dir, f"stage2_interpolation_fold{fold.fold}.png"),
+        image_name=keys[order[0]])
