@@ -174,10 +174,10 @@ def _pydicom_class(real_module: str, name: str) -> type:
   return cls if isinstance(cls, type) else _STAND_INS[name]
 
 
-def _refusal(path: PathLike, module: str, name: str) -> DataError:
-  return data_error(path, f"refusing to unpickle global '{module}.{name}': only numpy "
-                    "arrays, builtin containers and pydicom UID/value types are allowed "
-                    "(the file may be corrupt or malicious)")
+def _refusal(module: str, name: str) -> str:
+  return (f"refusing to unpickle global '{module[:100]}.{name[:100]}': only numpy arrays, "
+          "builtin containers and pydicom UID/value types are allowed (the file may be "
+          "corrupt or malicious)")
 
 
 def resolve_global(path: PathLike, module: str, name: str) -> Any:
@@ -198,7 +198,7 @@ def resolve_global(path: PathLike, module: str, name: str) -> Any:
   module, name = _canonical(module, name)
   kind = _GLOBAL_KINDS.get((module, name))
   if kind is None:
-    raise _refusal(path, module, name)
+    raise data_error(path, _refusal(module, name))
   if kind == "value":
     return _pydicom_class(_PYDICOM_GLOBALS[(module, name)], name)
   if module.startswith("numpy."):
@@ -263,8 +263,12 @@ def _short(obj: Any, limit: int = 60) -> str:
     return f"the global '{obj.module}.{obj.name}'"
   if t in (_PendingArray, _PendingDtype):
     return "an array or dtype still being built"
+  if t is tuple and len(obj) <= _MAX_NDIM and all(type(x) in _ATOMS for x in obj):
+    return "(" + ", ".join(_short(x, 20) for x in obj) + ("," if len(obj) == 1 else "") + ")"
   if t in (tuple, list, dict, set, frozenset):
     return f"a {t.__name__} of {len(obj)} items"
+  if t is np.ndarray:
+    return f"a {obj.dtype} array of shape {obj.shape}"
   return f"a {t.__name__}"
 
 
@@ -318,13 +322,20 @@ class _Reader:
     frames = self.metastack + [self.stack]
     if not frames[0] or frames[0][0] is not self._top:
       return None
-    if len(frames[0]) > 1:  # Protocol 0: SETITEM items follow the dict on its frame.
-      items = frames[0][1:]
-    else:  # MARK ... SETITEMS: the items are the next frame.
-      items = frames[1] if len(frames) > 1 else []
-    if not items:
+    if len(frames[0]) > 1:  # SETITEM (protocol 0, batches of one): [top, key, ...].
+      key = frames[0][1]
+    elif len(frames) > 1:  # MARK k1 v1 k2 v2 ... SETITEMS: the items are the next frame.
+      # The value being read may have pieces on this frame too; records are dicts, so
+      # the key is the last one followed by a dict (or a key whose value has not begun).
+      items, key = frames[1], None
+      for i in range(len(items) - 2 + len(items) % 2, -1, -2):
+        if type(items[i + 1]) is dict:
+          key = items[i]
+          break
+      if key is None and len(items) % 2:
+        key = items[-1]
+    else:
       return None
-    key = items[-1] if len(items) % 2 else items[-2]
     if type(key) is bytes:
       key = key.decode("latin1")
     if type(key) is not str:
@@ -723,7 +734,7 @@ class _Reader:
     module, name = _canonical(module, name)
     kind = _GLOBAL_KINDS.get((module, name))
     if kind is None:
-      raise _refusal(self._path, module[:100], name[:100])
+      raise self.error(_refusal(module, name))
     cls = None
     if kind == "value":
       cls = _pydicom_class(_PYDICOM_GLOBALS[(module, name)], name)
@@ -928,14 +939,20 @@ class _Reader:
     if type(state) is not tuple or len(state) not in (8, 9):
       raise self.error(f"dtype state {_short(state)}; expected numpy's 8- or 9-tuple")
     version, order, subarray, names, fields, elsize, align, flags = state[:8]
-    plain = (type(version) is int and version in (3, 4) and type(order) is str
-             and order in "<>|=" and len(order) == 1 and subarray is None and names is None
-             and fields is None and type(elsize) is int and elsize in (-1, dtype.itemsize)
-             and type(align) is int and align in (-1, dtype.alignment)
-             and type(flags) is int and flags == 0 and (len(state) == 8 or state[8] is None))
-    if not plain or (order == "|" and dtype.itemsize > 1):
-      raise self.error(f"{dtype.name} dtype state {_short(state[:8])}: expected a plain "
-                       "dtype (version 3, byte order, no fields, subarrays or flags)")
+    checks = (
+        ("version", version, type(version) is int and version in (3, 4)),
+        ("byte order", order, type(order) is str and order in ("<", ">", "=", "|")
+         and (order != "|" or dtype.itemsize == 1)),
+        ("subarray", subarray, subarray is None), ("names", names, names is None),
+        ("fields", fields, fields is None),
+        ("element size", elsize, type(elsize) is int and elsize in (-1, dtype.itemsize)),
+        ("alignment", align, type(align) is int and align in (-1, dtype.alignment)),
+        ("flags", flags, type(flags) is int and flags == 0),
+        ("metadata", state[8:], len(state) == 8 or state[8] is None))
+    for field, value, ok in checks:
+      if not ok:
+        raise self.error(f"{dtype.name} dtype with {field} {_short(value)}: expected a "
+                         "plain dtype (no fields, subarrays, flags or metadata)")
     return dtype.newbyteorder(order) if order in "<>" else dtype
 
   def _raw(self, data: Any, what: str) -> bytes:
@@ -969,7 +986,7 @@ class _Reader:
     for s in shape:
       count *= s
     nbytes = count * dtype.itemsize  # Python ints: no overflow.
-    self._charge(nbytes, f"a {dtype.name} array of shape {_short(shape, 200)}")
+    self._charge(nbytes, f"a {dtype.name} array of shape {_short(shape)}")
     raw = self._raw(raw, "array")
     if len(raw) != nbytes:
       raise self.error(f"a {dtype.name} array of shape {shape} needs {nbytes:,} bytes; the "
