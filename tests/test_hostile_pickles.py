@@ -10,11 +10,11 @@ reports its peak RSS; the marker file the gadgets would create must not exist.
 """
 
 import collections
-import decimal
 import json
 import os
 import pathlib
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -533,7 +533,7 @@ def test_hostile_pickle_is_refused_and_changes_nothing(corpus, name):
   kind, message = result["load"]
   assert kind == "DataError", f"open_source: {kind}: {message}"
   assert corpus["paths"][name] in message
-  assert __import__("re").search(case.match, message), message
+  assert re.search(case.match, message), message
   if case.in_record:
     assert repr(KEY) in message, message
   assert len(message) < 1000 and "\n" not in message
@@ -557,7 +557,7 @@ def test_inspect_data_reports_hostile_files_in_one_line(corpus, name):
   assert "Traceback" not in proc.stderr
   # absl's own log lines start with a level letter and a date; the rest is the error.
   lines = [l for l in proc.stderr.splitlines()
-           if l.strip() and not __import__("re").match(r"[IWEF]\d{4} ", l)]
+           if l.strip() and not re.match(r"[IWEF]\d{4} ", l)]
   assert 1 <= len(lines) <= 2 and path in lines[0], proc.stderr
   assert not corpus["marker"].exists()
 
