@@ -424,9 +424,6 @@ class _Reader:
       raise self.error("a text opcode's line is cut off (truncated or not a pickle)")
     return line
 
-  def _push(self, obj: Any) -> None:
-    self.stack.append(obj)
-
   def _pop_mark(self) -> List[Any]:
     if not self.metastack:
       raise self.error("an opcode needs a MARK that is not there (corrupt pickle)")
@@ -478,7 +475,7 @@ class _Reader:
 
   def _op_DUP(self) -> None:
     self._charge_reuse(self.stack[-1])
-    self._push(self.stack[-1])
+    self.stack.append(self.stack[-1])
 
   def _op_MARK(self) -> None:
     if len(self.metastack) >= self._limits.max_depth:
@@ -490,91 +487,92 @@ class _Reader:
   # Opcodes: atoms.
 
   def _op_NONE(self) -> None:
-    self._push(None)
+    self.stack.append(None)
 
   def _op_NEWFALSE(self) -> None:
-    self._push(False)
+    self.stack.append(False)
 
   def _op_NEWTRUE(self) -> None:
-    self._push(True)
+    self.stack.append(True)
 
   def _op_INT(self) -> None:
     data = self._readline()
-    self._push(False if data == b"00\n" else True if data == b"01\n" else int(data, 0))
+    self.stack.append(False if data == b"00\n" else True if data == b"01\n" else int(data, 0))
 
   def _op_BININT(self) -> None:
-    self._push(struct.unpack("<i", self._read(4))[0])
+    self.stack.append(struct.unpack("<i", self._read(4))[0])
 
   def _op_BININT1(self) -> None:
-    self._push(self._read(1)[0])
+    self.stack.append(self._read(1)[0])
 
   def _op_BININT2(self) -> None:
-    self._push(struct.unpack("<H", self._read(2))[0])
+    self.stack.append(struct.unpack("<H", self._read(2))[0])
 
   def _op_LONG(self) -> None:
     val = self._readline()[:-1]
     if val.endswith(b"L"):
       val = val[:-1]
-    self._push(int(val, 0))
+    self.stack.append(int(val, 0))
 
   def _op_LONG1(self) -> None:
-    self._push(pickle.decode_long(self._read(self._read(1)[0])))
+    self.stack.append(pickle.decode_long(self._read(self._read(1)[0])))
 
   def _op_LONG4(self) -> None:
-    self._push(pickle.decode_long(self._read(struct.unpack("<i", self._read(4))[0])))
+    self.stack.append(pickle.decode_long(self._read(struct.unpack("<i", self._read(4))[0])))
 
   def _op_FLOAT(self) -> None:
-    self._push(float(self._readline()[:-1]))
+    self.stack.append(float(self._readline()[:-1]))
 
   def _op_BINFLOAT(self) -> None:
-    self._push(struct.unpack(">d", self._read(8))[0])
+    self.stack.append(struct.unpack(">d", self._read(8))[0])
 
   def _op_STRING(self) -> None:
     data = self._readline()[:-1]
     if len(data) < 2 or data[0] != data[-1] or data[0] not in b"\"'":
       raise self.error("the STRING opcode's argument is not quoted (corrupt pickle)")
-    self._push(codecs.escape_decode(data[1:-1])[0].decode("latin1"))
+    self.stack.append(codecs.escape_decode(data[1:-1])[0].decode("latin1"))
 
   def _op_BINSTRING(self) -> None:
     # Python 2 `str`: text or bytes, unknowable; latin1 keeps every byte (as numpy expects).
-    self._push(self._read(struct.unpack("<i", self._read(4))[0]).decode("latin1"))
+    self.stack.append(self._read(struct.unpack("<i", self._read(4))[0]).decode("latin1"))
 
   def _op_SHORT_BINSTRING(self) -> None:
-    self._push(self._read(self._read(1)[0]).decode("latin1"))
+    self.stack.append(self._read(self._read(1)[0]).decode("latin1"))
 
   def _op_BINBYTES(self) -> None:
-    self._push(self._read(struct.unpack("<I", self._read(4))[0]))
+    self.stack.append(self._read(struct.unpack("<I", self._read(4))[0]))
 
   def _op_SHORT_BINBYTES(self) -> None:
-    self._push(self._read(self._read(1)[0]))
+    self.stack.append(self._read(self._read(1)[0]))
 
   def _op_BINBYTES8(self) -> None:
-    self._push(self._read(struct.unpack("<Q", self._read(8))[0]))
+    self.stack.append(self._read(struct.unpack("<Q", self._read(8))[0]))
 
   def _op_BYTEARRAY8(self) -> None:
-    self._push(bytearray(self._read(struct.unpack("<Q", self._read(8))[0])))
+    self.stack.append(bytearray(self._read(struct.unpack("<Q", self._read(8))[0])))
 
   def _op_UNICODE(self) -> None:
-    self._push(str(self._readline()[:-1], "raw-unicode-escape"))
+    self.stack.append(str(self._readline()[:-1], "raw-unicode-escape"))
 
   def _op_BINUNICODE(self) -> None:
-    self._push(str(self._read(struct.unpack("<I", self._read(4))[0]), "utf-8",
+    self.stack.append(str(self._read(struct.unpack("<I", self._read(4))[0]), "utf-8",
                    "surrogatepass"))
 
   def _op_SHORT_BINUNICODE(self) -> None:
-    self._push(str(self._read(self._read(1)[0]), "utf-8", "surrogatepass"))
+    self.stack.append(str(self._read(self._read(1)[0]), "utf-8", "surrogatepass"))
 
   def _op_BINUNICODE8(self) -> None:
-    self._push(str(self._read(struct.unpack("<Q", self._read(8))[0]), "utf-8",
+    self.stack.append(str(self._read(struct.unpack("<Q", self._read(8))[0]), "utf-8",
                    "surrogatepass"))
 
   # Opcodes: containers.
 
   def _op_EMPTY_TUPLE(self) -> None:
-    self._push(())
+    self.stack.append(())
 
   def _op_TUPLE(self) -> None:
-    self._push(tuple(self._pop_mark()))
+    items = tuple(self._pop_mark())  # Rebinds self.stack: read it after.
+    self.stack.append(items)
 
   def _op_TUPLE1(self) -> None:
     self.stack[-1] = (self.stack[-1],)
@@ -586,10 +584,11 @@ class _Reader:
     self.stack[-3:] = [(self.stack[-3], self.stack[-2], self.stack[-1])]
 
   def _op_EMPTY_LIST(self) -> None:
-    self._push([])
+    self.stack.append([])
 
   def _op_LIST(self) -> None:
-    self._push(self._pop_mark())
+    items = self._pop_mark()  # Rebinds self.stack: read it after.
+    self.stack.append(items)
 
   def _target(self, kinds: Tuple[type, ...], opcode: str) -> Any:
     target = self.stack[-1]
@@ -613,12 +612,12 @@ class _Reader:
       self._top = self.stack[0]
 
   def _op_EMPTY_DICT(self) -> None:
-    self._push({})
+    self.stack.append({})
     self._note_new_dict()
 
   def _op_DICT(self) -> None:
     items = self._pop_mark()
-    self._push({})
+    self.stack.append({})
     self._note_new_dict()
     self._set_items(self.stack[-1], items)
 
@@ -654,7 +653,7 @@ class _Reader:
       raise _Peeked(target)
 
   def _op_EMPTY_SET(self) -> None:
-    self._push(set())
+    self.stack.append(set())
 
   def _op_ADDITEMS(self) -> None:
     items = self._pop_mark()
@@ -667,7 +666,7 @@ class _Reader:
     items = self._pop_mark()
     for item in items:
       self._check_key(item)
-    self._push(frozenset(items))
+    self.stack.append(frozenset(items))
 
   # Opcodes: memo.
 
@@ -702,7 +701,7 @@ class _Reader:
     if type(obj) in (_PendingArray, _PendingDtype) and obj.value is not None:
       obj = obj.value
     self._charge_reuse(obj)
-    self._push(obj)
+    self.stack.append(obj)
 
   def _op_GET(self) -> None:
     self._memo_get(int(self._readline()[:-1]))
@@ -744,12 +743,12 @@ class _Reader:
   def _op_GLOBAL(self) -> None:
     module = self._readline(_MAX_GLOBAL_LINE)[:-1].decode("utf-8")
     name = self._readline(_MAX_GLOBAL_LINE)[:-1].decode("utf-8")
-    self._push(self._global(module, name))
+    self.stack.append(self._global(module, name))
 
   def _op_STACK_GLOBAL(self) -> None:
     name = self.stack.pop()
     module = self.stack.pop()
-    self._push(self._global(module, name))
+    self.stack.append(self._global(module, name))
 
   def _op_REDUCE(self) -> None:
     args = self.stack.pop()
@@ -765,7 +764,7 @@ class _Reader:
     cls = self.stack.pop()
     if type(args) is not tuple:
       raise self.error(f"NEWOBJ with arguments {_short(args)}; expected a tuple")
-    self._push(self._new_value(cls, args))
+    self.stack.append(self._new_value(cls, args))
 
   def _op_BUILD(self) -> None:
     state = self.stack.pop()
@@ -986,7 +985,9 @@ class _Reader:
     for s in shape:
       count *= s
     nbytes = count * dtype.itemsize  # Python ints: no overflow.
-    self._charge(nbytes, f"a {dtype.name} array of shape {_short(shape)}")
+    if self._used + nbytes > self._budget:  # The message only when it is needed.
+      self._charge(nbytes, f"a {dtype.name} array of shape {_short(shape)}")
+    self._used += nbytes
     raw = self._raw(raw, "array")
     if len(raw) != nbytes:
       raise self.error(f"a {dtype.name} array of shape {shape} needs {nbytes:,} bytes; the "
