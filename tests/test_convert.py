@@ -375,6 +375,10 @@ def _bad_checkpoints(tmp_path):
 
 
 def test_unreadable_checkpoints_are_errors_naming_the_file(tmp_path):
+  good = str(tmp_path / "good.npz")
+  np.savez(good, **{"module.w": np.arange(6.0).reshape(2, 3)})
+  np.testing.assert_array_equal(convert.read_checkpoint(good)["w"],
+                                np.arange(6.0).reshape(2, 3))
   for path, message in _bad_checkpoints(tmp_path):
     with pytest.raises(inference.InferenceError, match=message) as e:
       convert.read_checkpoint(path)
