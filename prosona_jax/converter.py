@@ -42,15 +42,32 @@ State = Mapping[str, np.ndarray]
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """A state dict as numpy from `.pth`/`.pt` (torch), `.safetensors` or `.npz`."""
+  """A state dict as numpy from `.pth`/`.pt` (torch), `.safetensors` or `.npz`.
+
+  Raises:
+    InferenceError: A missing file, or one that is not a readable state dict of
+      that kind (truncated, garbage, object arrays), naming the file.
+  """
   if not os.path.isfile(path):
     raise InferenceError(f"{path}: no such checkpoint file")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    state = dict(load_file(path))
+    try:
+      state = dict(load_file(path))
+    except Exception as e:  # safetensors raises its own error type for bad headers.
+      raise InferenceError(f"{path}: not a readable .safetensors file "
+                           f"({_one_line(e)})") from e
   elif path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      state = {k: z[k] for k in z.files}
+    from prosona_jax.data.npz import check_npz_members  # pylint: disable=g-import-not-at-top
+    from prosona_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+    try:
+      check_npz_members(path)  # Object arrays and lying headers, before allocating.
+      with np.load(path, allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    except DataError as e:
+      raise InferenceError(str(e)) from e
+    except Exception as e:  # Corrupt members: zlib, zipfile and numpy errors.
+      raise InferenceError(f"{path}: not a readable .npz state dict ({_one_line(e)})") from e
   else:
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -64,9 +81,18 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     for wrapper in ("model", "state_dict", "net"):  # D-Persona saves {'model': ...}.
       if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
         obj = obj[wrapper]
+    if not isinstance(obj, dict):
+      raise InferenceError(f"{path}: holds a {type(obj).__name__}; expected a state dict "
+                           "(name -> tensor)")
     state = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
   # nn.DataParallel prefixes every name with `module.`.
   return {k.removeprefix("module."): np.asarray(v) for k, v in state.items()}
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+  """An error's message on one line (library errors can span many), cut at `limit`."""
+  text = " ".join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _conv_indices(state: State, prefix: str) -> list[int]:

@@ -5,10 +5,12 @@ r"""Prints a short card about a dataset, and optionally a JSON summary and a fig
   python -m prosona_jax.inspect_data /data/prostate --format=folder \
       --rater_names=site1,site2,site3,site4
 
-The card gives the number of images, raters and patients, the image count of
-each patient-grouped fold (K=4, seed 1337 by default), every rater's mean
-foreground area after ordering and the number of empty masks. `--json` writes
-exactly `num_images`, `num_raters`, `num_patients`, `fold_sizes`,
+The card gives the number of images, raters and patients, how the patients
+were found (`given`, `derived_from_keys` or `one_per_image`, flagged when
+every image is its own patient), the image count of each patient-grouped fold
+(K=4, seed 1337 by default), every rater's mean foreground area after ordering
+and the number of empty masks. `--json` writes exactly `num_images`,
+`num_raters`, `num_patients`, `patient_grouping`, `fold_sizes`,
 `rater_mean_area` and `num_empty_masks`.
 """
 

@@ -348,3 +348,53 @@ def test_torchvision_resnet_becomes_encoder_safetensors(tmp_path):
   out = str(tmp_path / "enc.safetensors")
   assert convert.convert(src, out)["kind"] == "torchvision_resnet"
   assert set(load_file(out)) == set(names)
+
+
+def _bad_checkpoints(tmp_path):
+  """(path, message) of checkpoints that are not readable state dicts."""
+  from safetensors.numpy import save_file
+  objects = str(tmp_path / "objects.npz")
+  np.savez(objects, weight=np.array([{"a": 1}, None], dtype=object))
+  good = str(tmp_path / "good.safetensors")
+  save_file({"w": np.ones((64, 64), np.float32)}, good)
+  truncated = str(tmp_path / "truncated.safetensors")
+  with open(good, "rb") as f:
+    data = f.read()
+  with open(truncated, "wb") as f:
+    f.write(data[:len(data) // 2])
+  garbage = str(tmp_path / "garbage.safetensors")
+  with open(garbage, "wb") as f:
+    f.write(b"\xff" * 64)
+  zipped_garbage = str(tmp_path / "garbage.npz")
+  with open(zipped_garbage, "wb") as f:
+    f.write(b"PK\x03\x04" + b"\x00" * 60)
+  return [(objects, r"'weight': object array \(dtype object\) refused"),
+          (truncated, "not a readable .safetensors file"),
+          (garbage, "not a readable .safetensors file"),
+          (zipped_garbage, "not a .npz|not a readable")]
+
+
+def test_unreadable_checkpoints_are_errors_naming_the_file(tmp_path):
+  good = str(tmp_path / "good.npz")
+  np.savez(good, **{"module.w": np.arange(6.0).reshape(2, 3)})
+  np.testing.assert_array_equal(convert.read_checkpoint(good)["w"],
+                                np.arange(6.0).reshape(2, 3))
+  for path, message in _bad_checkpoints(tmp_path):
+    with pytest.raises(inference.InferenceError, match=message) as e:
+      convert.read_checkpoint(path)
+    assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_reports_an_unreadable_checkpoint_in_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  for path, _ in _bad_checkpoints(tmp_path)[:2]:
+    proc = subprocess.run([sys.executable, "-m", "prosona_jax.convert", f"--checkpoint={path}",
+                           f"--out={tmp_path / 'out'}"], cwd=os.path.dirname(
+                               os.path.dirname(__file__)), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("convert: error: ")]
+    assert len(lines) == 1 and path in lines[0], proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out")

@@ -11,8 +11,8 @@ from prosona_jax.data import inspect as inspect_data
 from prosona_jax.data.synthetic import SyntheticSource
 
 REPO = pathlib.Path(__file__).parents[1]
-KEYS = {"num_images", "num_raters", "num_patients", "fold_sizes", "rater_mean_area",
-        "num_empty_masks"}
+KEYS = {"num_images", "num_raters", "num_patients", "patient_grouping", "fold_sizes",
+        "rater_mean_area", "num_empty_masks"}
 
 
 def _check_folds(summary, source):
@@ -34,7 +34,8 @@ def test_summarize_and_card_on_synthetic(tmp_path):
   assert summary["num_empty_masks"] == int((areas == 0).sum())
   _check_folds(summary, source)
   text = inspect_data.card(source, summary)
-  assert "patients:        6" in text and "conservative" in text
+  assert "patients:        6 (given)" in text and "conservative" in text
+  assert summary["patient_grouping"] == "given"
   picks = inspect_data.draw_examples(source, str(tmp_path / "ex.png"), 3)
   assert len(picks) == 3 and (tmp_path / "ex.png").stat().st_size > 1000
 
@@ -60,6 +61,9 @@ def test_cli_on_the_lidc_sample(shared_data, tmp_path):
   assert set(summary) == KEYS
   assert summary["num_images"] == 6 and summary["num_raters"] == 4
   assert summary["num_patients"] == 6 and sum(summary["fold_sizes"]) == 6
+  # The six crops come from six scans: grouping by key prefix cannot group anything.
+  assert summary["patient_grouping"] == "one_per_image"
+  assert "every image is its own patient" in out.stderr
   assert summary["num_empty_masks"] == 12  # 12 of the 24 real masks are empty.
   assert summary["rater_mean_area"] == sorted(summary["rater_mean_area"])  # By area.
   assert "lidc_crops" in out.stdout and "read 6 records" in out.stderr
@@ -72,3 +76,22 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
   assert result.returncode == 2  # A user mistake: cli.EXIT_USER_ERROR.
   assert "none.npz" in result.stderr and "no such" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_cli_flags_images_without_patients(tmp_path):
+  path = tmp_path / "flat.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, images=rng.random((8, 16, 16)).astype(np.float32),
+           masks=(rng.random((8, 2, 16, 16)) < 0.3).astype(np.uint8),
+           keys=np.array([f"scan{i // 2}slice{i}" for i in range(8)]))  # No `_`.
+  out = _cli(str(path), f"--json={tmp_path / 'f.json'}")
+  assert json.loads((tmp_path / "f.json").read_text())["patient_grouping"] == "one_per_image"
+  assert "patients:        8 (one_per_image (every image is its own patient" in out.stdout
+  warnings = [line for line in out.stderr.splitlines() if "its own patient" in line]
+  assert len(warnings) == 1 and "flat.npz" in warnings[0] and "pass patient_ids" in warnings[0]
+  np.savez(path, images=rng.random((8, 16, 16)).astype(np.float32),
+           masks=(rng.random((8, 2, 16, 16)) < 0.3).astype(np.uint8),
+           keys=np.array([f"scan{i // 2}_slice{i}" for i in range(8)]))
+  out = _cli(str(path), f"--json={tmp_path / 'f.json'}")
+  assert json.loads((tmp_path / "f.json").read_text())["patient_grouping"] == "derived_from_keys"
+  assert "its own patient" not in out.stderr + out.stdout

@@ -5,12 +5,16 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import zipfile
+from unittest import mock
 
 import numpy as np
 import pytest
 
+from prosona_jax.data import npz as npz_reader
 from prosona_jax.data import safe_pickle
 from prosona_jax.data.errors import DataError
+from prosona_jax.data.limits import ReadLimits
 from prosona_jax.data.lidc import load_lidc_pickle
 from prosona_jax.data.sources import detect_format, open_source, source_from_config
 from prosona_jax import config_defaults
@@ -214,6 +218,7 @@ def test_npz_reads_and_groups_patients(tmp_path):
   assert source.patient_ids == uids.tolist() and source.image_shape == (8, 8, 1)
   source = open_source(_npz(tmp_path, images=images, masks=masks))
   assert len(set(source.patient_ids)) == 5  # No keys: every image its own patient.
+  assert source.patient_grouping == "one_per_image"
 
 
 @pytest.mark.parametrize("change,expected", [
@@ -233,6 +238,114 @@ def test_npz_bad_arrays_are_errors(tmp_path, change, expected):
   with pytest.raises(DataError, match=expected) as e:
     open_source(path)
   assert str(path) in str(e.value)
+
+
+def _npz_member(zf, name, header, data=b""):
+  """Writes `name.npy` with an arbitrary (possibly lying) header."""
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buf, header)
+  zf.writestr(name + ".npy", buf.getvalue() + data)
+
+
+def test_npz_header_claiming_a_huge_array_is_refused_before_allocation(tmp_path):
+  path = tmp_path / "huge.npz"
+  with zipfile.ZipFile(path, "w") as zf:
+    _npz_member(zf, "images", {"descr": "<f4", "fortran_order": False,
+                               "shape": (10**6, 10**6)}, bytes(64))
+    _npz_member(zf, "masks", {"descr": "|u1", "fortran_order": False,
+                              "shape": (1, 1, 4, 4)}, bytes(16))
+  with mock.patch.object(np, "load", side_effect=AssertionError("np.load was reached")):
+    with pytest.raises(DataError, match=r"'images': the header declares shape "
+                       r"\(1000000, 1000000\) float32 = 4,000,000,000,000 bytes, over the "
+                       r"limit of 268,435,456 bytes") as e:
+      open_source(path)
+  assert str(path) in str(e.value) and "PROSONA_DATA_MAX_BYTES" in str(e.value)
+
+
+def test_npz_header_and_member_size_must_agree(tmp_path):
+  path = tmp_path / "short.npz"
+  with zipfile.ZipFile(path, "w") as zf:
+    _npz_member(zf, "images", {"descr": "<f4", "fortran_order": False,
+                               "shape": (2, 8, 8)}, bytes(100))
+  with pytest.raises(DataError, match=r"'images': the header declares 512 bytes of data but "
+                     r"the member holds 100"):
+    open_source(path)
+
+
+def test_npz_total_size_is_bounded_by_the_file_or_the_ceiling(tmp_path):
+  images = np.zeros((64, 32, 32), np.float32)  # 256 KiB of zeros deflate to ~1 KiB.
+  path = tmp_path / "zeros.npz"
+  np.savez_compressed(path, images=images, masks=np.zeros((64, 1, 32, 32), np.uint8))
+  small = ReadLimits(multiple=8.0, floor_bytes=100_000)
+  with pytest.raises(DataError, match="over the limit of 100,000 bytes"):
+    npz_reader.load_npz(path, limits=small)
+  assert len(npz_reader.load_npz(path, limits=ReadLimits(multiple=8.0,
+                                                         floor_bytes=10**6))) == 64
+  with mock.patch.dict(os.environ, {"PROSONA_DATA_MAX_BYTES": "100000"}):
+    with pytest.raises(DataError, match="over the limit of 100,000 bytes"):
+      npz_reader.load_npz(path, limits=ReadLimits(multiple=8.0))
+
+
+@pytest.mark.parametrize("name", ["images", "masks", "keys", "patient_ids"])
+def test_npz_object_arrays_are_refused_without_a_traceback(tmp_path, name):
+  arrays = {"images": np.zeros((2, 4, 4), np.float32), "masks": np.zeros((2, 1, 4, 4)),
+            "keys": np.array(["a_0", "a_1"]), "patient_ids": np.array(["a", "a"])}
+  arrays[name] = np.array([{"x": 1}, None], dtype=object)
+  path = tmp_path / "obj.npz"
+  np.savez(path, **arrays)
+  with pytest.raises(DataError, match=rf"'{name}': object array \(dtype object\) refused"):
+    open_source(path)
+
+
+def test_npz_that_is_not_a_zip_is_an_error(tmp_path):
+  path = tmp_path / "plain.npz"
+  np.save(path, np.zeros(3))
+  os.replace(str(path) + ".npy", path)
+  with pytest.raises(DataError, match=r"not a \.npz \(zip\) archive"):
+    open_source(path)
+
+
+@pytest.mark.parametrize("keys,ids,grouping", [
+    (None, None, "one_per_image"),
+    ([f"scan{i // 2}slice{i}" for i in range(8)], None, "one_per_image"),  # No `_`.
+    ([f"scan{i}_slice{i}" for i in range(8)], None, "one_per_image"),  # All distinct.
+    ([f"scan{i // 2}_slice{i}" for i in range(8)], None, "derived_from_keys"),
+    ([f"scan{i // 2}slice{i}" for i in range(8)], [f"p{i // 2}" for i in range(8)], "given"),
+])
+def test_npz_patient_grouping_is_visible(tmp_path, keys, ids, grouping):
+  arrays = {"images": np.zeros((8, 4, 4), np.float32), "masks": np.zeros((8, 1, 4, 4))}
+  if keys is not None:
+    arrays["keys"] = np.array(keys)
+  if ids is not None:
+    arrays["patient_ids"] = np.array(ids)
+  path = _npz(tmp_path, **arrays)
+  with mock.patch.object(npz_reader.logging, "warning") as warning:
+    source = open_source(path)
+  assert source.patient_grouping == grouping
+  if grouping == "one_per_image":
+    assert len(set(source.patient_ids)) == 8
+    (message, where), _ = warning.call_args
+    assert warning.call_count == 1 and where == str(path)
+    assert "every image is its own patient; pass patient_ids" in message % where
+  else:
+    warning.assert_not_called()
+  assert pickle.loads(pickle.dumps(source)).patient_grouping == grouping
+
+
+def test_other_sources_record_their_patient_grouping(tmp_path, crops):
+  from prosona_jax.data.synthetic import SyntheticSource  # pylint: disable=g-import-not-at-top
+  assert SyntheticSource(num_images=4, num_patients=2, image_size=16).patient_grouping == (
+      "given")
+  _nifti_set(tmp_path, np.random.default_rng(4))
+  assert open_source(tmp_path, rater_names=("r1", "r2"), image_size=16).patient_grouping == (
+      "given")
+  # The six LIDC samples come from six scans: the key prefixes group nothing.
+  assert open_source(crops).patient_grouping == "one_per_image"
+  rng = np.random.default_rng(0)
+  records = {f"p{i // 3}_slice{i}": _record(rng) for i in range(6)}
+  assert open_source(_write(tmp_path, records, "grouped.pkl")).patient_grouping == (
+      "derived_from_keys")
 
 
 def test_unknown_format_and_missing_path_are_errors(tmp_path):

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from prosona_jax.data.npz import ArraySource
+from prosona_jax.data.npz import ONE_PER_IMAGE, ArraySource
 
 
 def summarize(source: ArraySource, *, num_folds: int = 4, seed: int = 1337) -> Dict[str, Any]:
@@ -23,7 +23,7 @@ def summarize(source: ArraySource, *, num_folds: int = 4, seed: int = 1337) -> D
 
   Returns:
     A dict with exactly the keys `num_images`, `num_raters`, `num_patients`,
-    `fold_sizes`, `rater_mean_area` and `num_empty_masks`.
+    `patient_grouping`, `fold_sizes`, `rater_mean_area` and `num_empty_masks`.
   """
   from prosona_jax.data.splits import fold_indices  # pylint: disable=g-import-not-at-top
   areas = source.mask_areas()
@@ -32,6 +32,7 @@ def summarize(source: ArraySource, *, num_folds: int = 4, seed: int = 1337) -> D
       "num_images": len(source),
       "num_raters": source.num_raters,
       "num_patients": len(set(source.patient_ids)),
+      "patient_grouping": source.patient_grouping,
       "fold_sizes": [int(len(f)) for f in folds],
       "rater_mean_area": [round(float(a), 3) for a in areas.mean(axis=0)],
       "num_empty_masks": int((areas == 0).sum()),
@@ -44,11 +45,14 @@ def card(source: ArraySource, summary: Dict[str, Any]) -> str:
   order = "ascending area per image" if source.order_raters_by_area else "identity"
   areas = ", ".join(f"{a:.1f}" for a in summary["rater_mean_area"])
   total = summary["num_images"] * summary["num_raters"]
+  grouping = summary["patient_grouping"]
+  if grouping == ONE_PER_IMAGE:
+    grouping += " (every image is its own patient; pass patient_ids)"
   lines = [
       source.describe(),
       f"  images:          {summary['num_images']} ({h}x{w}, {c} channel(s))",
       f"  raters:          {summary['num_raters']} (order: {order})",
-      f"  patients:        {summary['num_patients']}",
+      f"  patients:        {summary['num_patients']} ({grouping})",
       f"  images per fold: {summary['fold_sizes']}",
       f"  mean area/rater: [{areas}] pixels",
       f"  empty masks:     {summary['num_empty_masks']} of {total}",

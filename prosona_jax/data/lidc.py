@@ -8,7 +8,9 @@
 Both are unpickled through the allow-list of `safe_pickle` and streamed: each
 batch of records is converted to float32 images and bit-packed masks and the
 decoded originals are dropped, so the 3.4 GB crop pickle never sits in memory
-twice. The patient (scan) id is the key's part before the first `_`.
+twice. The patient (scan) id is the key's part before the first `_`
+(`patient_grouping` `derived_from_keys`; `one_per_image`, with a warning, when
+that gives every image its own patient).
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import numpy as np
 
 from prosona_jax.data import safe_pickle
 from prosona_jax.data.errors import PathLike, data_error
+from prosona_jax.data.limits import ReadLimits
 from prosona_jax.data.npz import ArraySource, check_image, check_masks, compact_masks
-from prosona_jax.data.npz import patient_from_key
+from prosona_jax.data.npz import patients_from_keys
 
 VARIANTS = ("lidc_attributes", "lidc_crops")
 _CHUNK = 256  # Records stacked per array chunk: bounds the transient unpacked copies.
 
 
-def detect_lidc_variant(path: PathLike) -> str:
+def detect_lidc_variant(path: PathLike, pickle_limits: Optional[ReadLimits] = None) -> str:
   """Tells the two LIDC pickles apart from the first record's fields.
 
   A record with `alpha`, or with a uint8 image, is `lidc_attributes`; a float
@@ -37,7 +40,7 @@ def detect_lidc_variant(path: PathLike) -> str:
   Raises:
     DataError: Not a readable (allowed) pickle of records with an `image`.
   """
-  record = safe_pickle.peek_first_record(path)
+  record = safe_pickle.peek_first_record(path, pickle_limits)
   image = record.get("image")
   if "alpha" in record or (isinstance(image, np.ndarray) and image.dtype == np.uint8):
     return "lidc_attributes"
@@ -106,9 +109,8 @@ class _RecordConverter:
   def __call__(self, key: Any, record: Any) -> None:
     if isinstance(key, bytes):
       key = key.decode("latin1")
-    if not isinstance(key, str):
-      raise data_error(self.path, f"keys must be strings, got {type(key).__name__}",
-                       repr(key))
+    if not isinstance(key, str):  # The reader already refuses these; a bounded message.
+      raise data_error(self.path, f"keys must be strings, got {type(key).__name__}")
     if not isinstance(record, dict):
       raise data_error(self.path, f"expected a record dict, got {type(record).__name__}",
                        key)
@@ -150,7 +152,8 @@ class _RecordConverter:
 
 def load_lidc_pickle(path: PathLike, variant: str = "auto", *,
                      order_raters_by_area: bool = True,
-                     progress_every: int = 2000) -> ArraySource:
+                     progress_every: int = 2000,
+                     pickle_limits: Optional[ReadLimits] = None) -> ArraySource:
   """Reads either LIDC pickle into an `ArraySource`.
 
   Args:
@@ -159,29 +162,33 @@ def load_lidc_pickle(path: PathLike, variant: str = "auto", *,
     order_raters_by_area: Re-order the masks of each image by ascending area
       (D-Persona's LIDC convention; stable for ties).
     progress_every: Log a count of records read every this many (0: never).
+    pickle_limits: Memory and nesting limits of the reader (default
+      `limits.PICKLE_LIMITS`: 8x the file's size, at least 256 MiB).
 
   Raises:
-    DataError: Forbidden globals, missing fields, inconsistent shapes or rater
-      counts, masks outside {0, 1} ([0, 1] for `lidc_attributes`), NaN pixels.
+    DataError: Forbidden globals or opcodes, limits exceeded, missing fields,
+      inconsistent shapes or rater counts, masks outside {0, 1} ([0, 1] for
+      `lidc_attributes`), NaN pixels.
   """
   if not os.path.isfile(path):
     raise data_error(path, "no such file; expected a LIDC pickle")
   if variant == "auto":
-    variant = detect_lidc_variant(path)
+    variant = detect_lidc_variant(path, pickle_limits)
   if variant not in VARIANTS:
     raise data_error(path, f"unknown LIDC variant {variant!r}; expected one of {VARIANTS}")
   converter = _RecordConverter(path, variant, order_raters_by_area, progress_every)
-  safe_pickle.stream_dict_records(path, converter)
+  safe_pickle.stream_dict_records(path, converter, pickle_limits)
   converter.flush()
   if not converter.keys:
     raise data_error(path, "the pickle holds no records")
   logging.info("%s: read %d records (%s)", os.fspath(path), len(converter.keys), variant)
+  patients, grouping = patients_from_keys(converter.keys)
   return ArraySource(
       image_chunks=converter.image_chunks, packed_mask_chunks=converter.mask_chunks,
       areas=np.concatenate(converter.area_chunks), keys=converter.keys,
-      patient_ids=[patient_from_key(k) for k in converter.keys],
-      width=converter.image_chunks[0].shape[2],
-      order_raters_by_area=order_raters_by_area, format_name=variant, path=path)
+      patient_ids=patients, width=converter.image_chunks[0].shape[2],
+      order_raters_by_area=order_raters_by_area, format_name=variant, path=path,
+      patient_grouping=grouping)
 
 
 def load_lidc_attributes(path: PathLike, **options: Any) -> ArraySource:

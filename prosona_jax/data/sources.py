@@ -69,7 +69,8 @@ def open_source(path: PathLike, format: str = "auto", *,  # pylint: disable=rede
     **options: Passed to the reader: `SyntheticSource` (num_images,
       num_patients, seed, image_size, num_raters, in_channels), `load_folder`
       (rater_names, image_name, axis, image_size, skip_empty_slices, resize,
-      normalize) or `load_lidc_pickle` (progress_every).
+      normalize), `load_lidc_pickle` (progress_every, pickle_limits) or
+      `load_npz` (limits).
 
   Returns:
     The source.
