@@ -42,12 +42,35 @@ def dice_loss(logits: jax.Array, targets: jax.Array, *, channel_axis: int | None
   """
   if logits.shape != targets.shape:
     raise ValueError(f"logits {logits.shape} and targets {targets.shape} differ.")
-  probs = jax.nn.sigmoid(logits.astype(jnp.float32))
+  return dice_loss_probs(jax.nn.sigmoid(logits.astype(jnp.float32)), targets,
+                         channel_axis=channel_axis, epsilon=epsilon)
+
+
+def dice_loss_probs(probs: jax.Array, targets: jax.Array, *, channel_axis: int | None = None,
+                    epsilon: float = 1e-6) -> jax.Array:
+  """`dice_loss` on probabilities instead of logits (same pooling, background, clamp).
+
+  For models whose probabilities are not a sigmoid of one logit map, e.g. the two-class
+  confusion-matrix baselines (`confusion.py`), whose noisy-label probabilities are a
+  confusion matrix applied to a softmax.
+
+  Args:
+    probs: predicted probabilities, same layout as `dice_loss`'s logits.
+    targets: {0, 1} (or soft) targets, same shape as `probs`.
+    channel_axis: axis of the channels; None means the whole array is one channel.
+    epsilon: D-Persona's clamp (1e-6).
+
+  Returns:
+    Scalar loss.
+  """
+  if probs.shape != targets.shape:
+    raise ValueError(f"probs {probs.shape} and targets {targets.shape} differ.")
+  probs = probs.astype(jnp.float32)
   targets = targets.astype(jnp.float32)
   if channel_axis is None:
     p_CN, t_CN = probs.reshape(1, -1), targets.reshape(1, -1)
   else:
-    c = logits.shape[channel_axis]
+    c = probs.shape[channel_axis]
     p_CN = jnp.moveaxis(probs, channel_axis, 0).reshape(c, -1)
     t_CN = jnp.moveaxis(targets, channel_axis, 0).reshape(c, -1)
   if p_CN.shape[0] == 1:
@@ -112,6 +135,11 @@ def _norm(x: jax.Array) -> jax.Array:
   sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
   safe = jnp.where(sq > 0, sq, 1.0)
   return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+def l2_norm(x: jax.Array) -> jax.Array:
+  """||x||_2 (unsquared), with a finite gradient at x == 0."""
+  return _norm(x)
 
 
 def weight_norm(params: Mapping[str, Any], *, include_biases: bool = True) -> jax.Array:

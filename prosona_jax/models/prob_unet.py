@@ -5,7 +5,7 @@
 `fcomb` (features + tiled z -> mask logits). The training loss lives in `losses.py`.
 """
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -59,22 +59,28 @@ class _FeaturesAndLatentDense(nn.Module):
   (F + D, width), bias (width,)); the output `features @ kernel[:F] + (z @ kernel[F:] +
   bias)` is the same sum, grouped so that the feature term does not depend on z: decoding
   K latents (`jax.vmap` over z) computes it once instead of K times, and z is never
-  tiled over H x W.
+  tiled over H x W. The initialisers default to Fcomb's (orthogonal, tiny truncated
+  normal); Pionono's head (`pionono.py`) uses the same layer with its own.
   """
   width: int
+  kernel_init: Callable = nn.initializers.orthogonal()
+  bias_init: Callable = backbone_lib.tiny_truncated_normal()
 
   @nn.compact
   def __call__(self, features_BHWF: jax.Array, z: jax.Array) -> jax.Array:
     """z: (B, D) per image, or (B, H, W, D) per pixel."""
     f = features_BHWF.shape[-1]
-    kernel = self.param("kernel", nn.initializers.orthogonal(),
+    kernel = self.param("kernel", self.kernel_init,
                         (f + z.shape[-1], self.width), jnp.float32)
-    bias = self.param("bias", backbone_lib.tiny_truncated_normal(), (self.width,),
-                      jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.width,), jnp.float32)
     z_part = z @ kernel[f:] + bias
     if z.ndim == 2:
       z_part = z_part[:, None, None, :]
     return features_BHWF @ kernel[:f] + z_part
+
+
+# Public name: Pionono's head (`pionono.py`) is built from the same layer.
+FeaturesAndLatentDense = _FeaturesAndLatentDense
 
 
 class Fcomb(nn.Module):
