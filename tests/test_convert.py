@@ -1,8 +1,9 @@
 """D-Persona checkpoints import exactly: PyTorch vs the converted JAX model, and numpy paths.
 
-The PyTorch model is written here after D-Persona's code (lib/DPersona.py, smp 0.3.3's
-Unet with a ResNet-34 encoder, or the Probabilistic U-Net's own U-Net), with its tensor
-names, small Gaussian encoders and random weights and BatchNorm statistics.
+The PyTorch model is `prosona_jax.testing.dpersona_torch` (after D-Persona's
+lib/DPersona.py, smp 0.3.3's Unet with a ResNet-34 encoder, or the Probabilistic U-Net's
+own U-Net), with its tensor names, small Gaussian encoders and random weights and
+BatchNorm statistics.
 """
 
 import json
@@ -34,168 +35,14 @@ def _relerr(a, b) -> float:
 
 
 def _torch_dpersona(torch, backbone: str):
-  """D-Persona (`original_backbone` False: smp Unet-ResNet34; True: plain U-Net)."""
-  nn, F = torch.nn, torch.nn.functional
-
-  class Block(nn.Module):  # torchvision BasicBlock
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(cout)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(cout)
-      self.downsample = None
-      if stride != 1 or cin != cout:
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                        nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-      return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-  class Encoder(nn.Module):  # smp ResNetEncoder: returns [x, stem, layer1..4]
-    def __init__(self):
-      super().__init__()
-      self.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-      self.bn1 = nn.BatchNorm2d(64)
-      cin = 64
-      for i, (n, w) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
-        blocks = [Block(cin if j == 0 else w, w, 2 if (i and not j) else 1) for j in range(n)]
-        setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        cin = w
-
-    def forward(self, x):
-      feats = [x, F.relu(self.bn1(self.conv1(x)))]
-      x = F.max_pool2d(feats[-1], 3, 2, 1)
-      for i in range(1, 5):
-        x = getattr(self, f"layer{i}")(x)
-        feats.append(x)
-      return feats
-
-  def conv_relu(cin, cout):  # smp Conv2dReLU: Sequential(conv, bn, relu)
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU())
-
-  class DecBlock(nn.Module):
-    def __init__(self, cin, cskip, cout):
-      super().__init__()
-      self.conv1, self.conv2 = conv_relu(cin + cskip, cout), conv_relu(cout, cout)
-
-    def forward(self, x, skip):
-      x = F.interpolate(x, scale_factor=2, mode="nearest")
-      if skip is not None:
-        x = torch.cat([x, skip], 1)
-      return self.conv2(self.conv1(x))
-
-  class Decoder(nn.Module):
-    def __init__(self):
-      super().__init__()
-      ins, skips = (512, 256, 128, 64, 32), (256, 128, 64, 64, 0)
-      self.blocks = nn.ModuleList(DecBlock(i, s, o) for i, s, o in
-                                  zip(ins, skips, (256, 128, 64, 32, 16)))
-
-    def forward(self, *features):
-      features = features[1:][::-1]
-      x, skips = features[0], features[1:]
-      for i, block in enumerate(self.blocks):
-        x = block(x, skips[i] if i < len(skips) else None)
-      return x
-
-  class UnetHeadless(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.seg_encoder, self.seg_decoder = Encoder(), Decoder()
-
-    def forward(self, x):
-      return self.seg_decoder(*self.seg_encoder(x))
-
-  def convs(cin, cout, n=3, pool=False):
-    layers = [nn.AvgPool2d(2, 2, 0, ceil_mode=True)] if pool else []
-    for k in range(n):
-      layers += [nn.Conv2d(cin if k == 0 else cout, cout, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-  class Down(nn.Module):  # Probabilistic U-Net DownConvBlock
-    def __init__(self, cin, cout, pool):
-      super().__init__()
-      self.layers = convs(cin, cout, pool=pool)
-
-    def forward(self, x):
-      return self.layers(x)
-
-  class Up(nn.Module):
-    def __init__(self, cin, cout):
-      super().__init__()
-      self.conv_block = Down(cin, cout, False)
-
-    def forward(self, x, bridge):
-      x = F.interpolate(x, mode="bilinear", scale_factor=2, align_corners=True)
-      return self.conv_block(torch.cat([x, bridge], 1))
-
-  class PlainUnet(nn.Module):
-    def __init__(self, filters=(16, 32)):
-      super().__init__()
-      self.contracting_path = nn.ModuleList(
-          Down(1 if i == 0 else filters[i - 1], f, i > 0) for i, f in enumerate(filters))
-      self.upsampling_path = nn.ModuleList(
-          Up(filters[i + 1] + filters[i], filters[i]) for i in range(len(filters) - 2, -1, -1))
-
-    def forward(self, x):
-      blocks = []
-      for i, down in enumerate(self.contracting_path):
-        x = down(x)
-        if i != len(self.contracting_path) - 1:
-          blocks.append(x)
-      for i, up in enumerate(self.upsampling_path):
-        x = up(x, blocks[-i - 1])
-      return x
-
-  class GaussEncoder(nn.Module):
-    def __init__(self, cin):
-      super().__init__()
-      layers = []
-      for i, f in enumerate(GAUSS):
-        layers += list(convs(cin if i == 0 else GAUSS[i - 1], f, pool=i > 0))
-      self.layers = nn.Sequential(*layers)
-
-  class Gaussian(nn.Module):  # AxisAlignedConvGaussian
-    def __init__(self, cin):
-      super().__init__()
-      self.encoder = GaussEncoder(cin)
-      self.conv_layer = nn.Conv2d(GAUSS[-1], 2 * LATENT, 1)
-      nn.init.normal_(self.conv_layer.bias)
-
-    def forward(self, x):
-      h = self.encoder.layers(x).mean((2, 3), keepdim=True)
-      out = self.conv_layer(h)[:, :, 0, 0]
-      return out[:, :LATENT], out[:, LATENT:]
-
-  class Fcomb(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.layers = nn.Sequential(nn.Conv2d(16 + LATENT, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1),
-                                  nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU())
-      self.last_layer = nn.Conv2d(16, 1, 1)
-
-    def forward(self, feats, z):
-      z = z[:, :, None, None].expand(-1, -1, *feats.shape[2:])
-      return self.last_layer(self.layers(torch.cat([feats, z], 1)))
-
-  class DPersona(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.unet = UnetHeadless() if backbone == "resnet34" else PlainUnet()
-      self.prior, self.posterior = Gaussian(1), Gaussian(1 + RATERS)
-      self.fcomb = Fcomb()
-      # D-Persona's per-rater Stage-2 heads: not part of Stage 1, skipped by the converter.
-      self.proj_heads = nn.ModuleDict({"multi_expert_heads": nn.ModuleList(
-          [nn.Sequential(nn.Conv2d(16, 6, 3))])})
-
-  torch.manual_seed(0)
-  net = DPersona()
+  """D-Persona (`original_backbone` False: smp Unet-ResNet34; True: plain U-Net), small
+  Gaussian encoders, random BatchNorm statistics, eval mode."""
+  from prosona_jax.testing import dpersona_torch  # pylint: disable=g-import-not-at-top
+  net = dpersona_torch.build(backbone, latent_dim=LATENT, num_raters=RATERS,
+                             gaussian_filters=GAUSS, unet_filters=(16, 32))
   with torch.no_grad():
     for mod in net.modules():
-      if isinstance(mod, nn.BatchNorm2d):  # Non-trivial eval-mode statistics.
+      if isinstance(mod, torch.nn.BatchNorm2d):  # Non-trivial eval-mode statistics.
         mod.weight.uniform_(0.5, 1.5)
         mod.bias.normal_(0.0, 0.1)
         mod.running_mean.normal_(0.0, 0.1)
