@@ -125,6 +125,21 @@ def test_avg_pool_ceil_mode():
   assert y[2, 2] == 24
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 16, 3), (3, 17, 9, 2)])
+def test_stem_max_pool_matches_flax_exactly(shape):
+  """Values and gradient bit for bit, ties included (ReLU zeros tie all the time)."""
+  rng = np.random.default_rng(0)
+  g = jnp.asarray(rng.standard_normal((shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2,
+                                       shape[3])), jnp.float32)
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  for x in (np.maximum(rng.integers(-3, 4, shape), 0) * 0.5, rng.standard_normal(shape)):
+    x = jnp.asarray(x, jnp.float32)
+    want, want_vjp = jax.vjp(ref, x)
+    got, got_vjp = jax.vjp(backbone_lib.max_pool_3x3_s2, x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(jax.jit(got_vjp)(g)[0], jax.jit(want_vjp)(g)[0])
+
+
 def test_bilinear_align_corners():
   x = jnp.array([0.0, 3.0, 6.0]).reshape(1, 3, 1, 1) * jnp.ones((1, 1, 2, 1))
   y = backbone_lib.upsample_bilinear_align_corners(x)[0, :, 0, 0]

@@ -87,6 +87,61 @@ def upsample_bilinear_align_corners(x_BHWC: jax.Array) -> jax.Array:
   return jnp.einsum("qw,bpwc->bpqc", mw, x)
 
 
+def _stem_pool(x_BHWC: jax.Array) -> jax.Array:
+  return jax.lax.reduce_window(x_BHWC, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x_BHWC: jax.Array) -> jax.Array:
+  """ResNet's stem pooling: 3x3 max, stride 2, padding 1 (`nn.max_pool`'s values).
+
+  The gradient is `nn.max_pool`'s, computed differently. XLA's CPU backend turns the
+  gradient of a max-pool (select-and-scatter) into an arg-max search that carries four
+  index arrays through a reduce-window, then a scatter; here each of the nine window
+  offsets compares its strided slice of the input with the output and adds the
+  gradient where they are equal, placed back with a strided pad. Ties go to the first
+  maximum in row-major window order, as select-and-scatter gives them, and the
+  contributions to a pixel are added in the order a row-major scatter adds them.
+  """
+  return _stem_pool(x_BHWC)
+
+
+def _max_pool_fwd(x_BHWC):
+  y = _stem_pool(x_BHWC)
+  return y, (x_BHWC, y)
+
+
+def _max_pool_bwd(res, g_BHWC):
+  x, y = res
+  _, h, w, _ = x.shape
+  ho, wo = y.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  claimed = jnp.zeros(y.shape, bool)
+  parts = []
+  for di in range(3):
+    for dj in range(3):
+      # Input pixels (2i + di, 2j + dj) of the padded image, one per output (i, j).
+      xs = jax.lax.slice(xp, (0, di, dj, 0),
+                         (xp.shape[0], di + 2 * ho - 1, dj + 2 * wo - 1, xp.shape[3]),
+                         (1, 2, 2, 1))
+      hit = (xs == y) & ~claimed
+      claimed = claimed | hit
+      pad = ((0, 0, 0), (di, h + 2 - di - (2 * ho - 1), 1),
+             (dj, w + 2 - dj - (2 * wo - 1), 1), (0, 0, 0))
+      parts.append(jax.lax.pad(jnp.where(hit, g_BHWC, 0).astype(g_BHWC.dtype),
+                               jnp.zeros((), g_BHWC.dtype), pad))
+  # Later windows first: a pixel shared by several windows then sums their gradients
+  # in the order of the windows (row-major), as a scatter does.
+  dxp = parts[-1]
+  for part in parts[-2::-1]:
+    dxp = dxp + part
+  return (dxp[:, 1:h + 1, 1:w + 1, :],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def upsample_nearest(x_BHWC: jax.Array) -> jax.Array:
   """2x nearest-neighbour upsampling."""
   return jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
@@ -127,7 +182,7 @@ class ResNet34Encoder(nn.Module):
                 kernel_init=_ENCODER_INIT, dtype=self.dtype, name="conv1")(x_BHWC)
     x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
     skips = [x]  # stride 2: smp's first decoder skip is the stem's ReLU output.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)
     for i, (blocks, width) in enumerate(zip(RESNET34_LAYERS, RESNET34_WIDTHS)):
       for j in range(blocks):
         strides = 2 if (i > 0 and j == 0) else 1

@@ -188,7 +188,6 @@ def build(backbone: str = "resnet34", *, in_channels: int = 1, num_raters: int =
       super().__init__()
       self.encoder = GaussEncoder(cin)
       self.conv_layer = nn.Conv2d(gaussian_filters[-1], 2 * latent_dim, 1)
-      nn.init.normal_(self.conv_layer.bias)
 
     def forward(self, x):
       h = self.encoder.layers(x).mean((2, 3), keepdim=True)
@@ -240,7 +239,35 @@ def build(backbone: str = "resnet34", *, in_channels: int = 1, num_raters: int =
       self.proj_heads = Projection()
 
   torch.manual_seed(seed)
-  return DPersona()
+  net = DPersona()
+  _initialise(torch, net)
+  return net
+
+
+def _initialise(torch, net) -> None:
+  """D-Persona's initialisers: torchvision's and smp's in the ResNet U-Net, Kaiming-normal
+  (fan-in) weights with tiny truncated-normal biases elsewhere, orthogonal Fcomb."""
+  init = torch.nn.init
+
+  def tiny(bias):
+    init.trunc_normal_(bias, std=1e-3, a=-2e-3, b=2e-3)
+
+  for name, mod in net.named_modules():
+    if not isinstance(mod, torch.nn.Conv2d):
+      continue
+    if name.startswith("unet.seg_encoder."):
+      init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+    elif name.startswith("unet.seg_decoder."):
+      init.kaiming_uniform_(mod.weight, mode="fan_in", nonlinearity="relu")
+    elif name.startswith("fcomb."):
+      init.orthogonal_(mod.weight)
+      tiny(mod.bias)
+    elif name.endswith("conv_layer"):
+      init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
+      init.normal_(mod.bias)
+    else:  # Plain U-Net, prior and posterior encoders, heads.
+      init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
+      tiny(mod.bias)
 
 
 def state_dict_numpy(net) -> dict:
