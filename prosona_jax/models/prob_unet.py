@@ -309,8 +309,12 @@ def decode_extremes(model: ProbUNet, params: Any, features_BHWF: jax.Array,
   last hidden layer is zero (the logit is then the bias for all of them), and there
   both rules give the same gradient: the whole of it to `last/bias`, nothing upstream.
   """
-  logits_KBHW = jax.lax.stop_gradient(decode_samples(model, params, features_BHWF, z_KBD))
   k = z_KBD.shape[0]
+  # One latent at a time on CPU: the K decodes' hidden activations (K x B x H x W x 16)
+  # then stay in cache instead of streaming through memory.
+  per_pass = parallel.items_per_pass(0, k, "num_bound_samples")
+  logits_KBHW = jax.lax.stop_gradient(
+      decode_samples(model, params, features_BHWF, z_KBD, per_pass))
   out = []
   for reduce, arg in ((jnp.max, jnp.argmax), (jnp.min, jnp.argmin)):
     # Exact selection (1 * z + 0 * others) whose gradient goes back to z_KBD.
