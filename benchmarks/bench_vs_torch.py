@@ -393,9 +393,9 @@ def _child_main(spec: str) -> None:
       break
     times = []
     for _ in range(int(cmd[1])):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       runner.run()
-      times.append(time.perf_counter() - t)
+      times.append((time.perf_counter() - t, time.process_time() - c))
     print("TIMES " + json.dumps(times), flush=True)
 
 
@@ -447,7 +447,8 @@ class _Child:
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  bufsize=1, cwd=_ROOT)
     self.info = json.loads(self._expect("READY"))
-    self.times: list[float] = []
+    self.times: list[float] = []  # Wall seconds per step.
+    self.cpu: list[float] = []  # CPU seconds of the process (all threads) per step.
 
   def _expect(self, tag: str) -> str:
     for line in self.proc.stdout:
@@ -459,7 +460,9 @@ class _Child:
   def run(self, n: int) -> None:
     self.proc.stdin.write(f"run {n}\n")
     self.proc.stdin.flush()
-    self.times += json.loads(self._expect("TIMES"))
+    for wall, cpu in json.loads(self._expect("TIMES")):
+      self.times.append(wall)
+      self.cpu.append(cpu)
 
   def close(self) -> None:
     try:
@@ -497,7 +500,8 @@ def _time_job(job: str, weights: str, with_torch: bool) -> dict:
   result = {"job": job, "load_average_1min": load, "contestants": {}}
   for child in children:
     result["contestants"][child.name] = dict(
-        child.info, step_s=child.times, median_s=statistics.median(child.times))
+        child.info, step_s=child.times, median_s=statistics.median(child.times),
+        step_cpu_s=child.cpu, median_cpu_s=statistics.median(child.cpu))
   return result
 
 
@@ -566,7 +570,8 @@ def main(argv):
     for job in _JOBS.value:
       res = _time_job(job, weights, with_torch)
       results.append(res)
-      parts = [f"{name} {_fmt(c['median_s'])}" for name, c in res["contestants"].items()]
+      parts = [f"{name} {_fmt(c['median_s'])} (CPU {_fmt(c['median_cpu_s'])})"
+               for name, c in res["contestants"].items()]
       print(f"{job:>12}: " + ", ".join(parts) + f"  (load {res['load_average_1min']:.1f}; "
             f"JAX compile {res['contestants'][JAX]['compile_s']:.1f} s)", flush=True)
   _print_table(results, with_torch)
