@@ -25,7 +25,9 @@ from prosona_jax.models import prob_unet
 def make_sampler(model: prob_unet.ProbUNet, mesh, num_samples: int):
   """Compiled `(params, batch_stats, image_BHWC, rng) -> probs_BNHW` from the prior.
 
-  The backbone runs once per image; only Fcomb runs per sample (vmapped over N).
+  The backbone runs once per image; only Fcomb runs per sample: all N at once on
+  accelerators, one at a time on CPU, where N x B full-size decodes at once outgrow the
+  caches (`prob_unet.decode_samples`).
   """
   def sample(params, batch_stats, image, rng):
     variables = {"params": params, "batch_stats": batch_stats}
@@ -33,8 +35,8 @@ def make_sampler(model: prob_unet.ProbUNet, mesh, num_samples: int):
     mu_BD, log_sigma_BD = model.apply(variables, image, method=model.prior_dist)
     eps_NBD = jax.random.normal(rng, (num_samples,) + mu_BD.shape, mu_BD.dtype)
     z_NBD = prob_unet.gaussian_sample(mu_BD, log_sigma_BD, eps_NBD)
-    decode = lambda z: model.apply(variables, feats, z, method=model.decode)
-    logits_NBHW = jax.vmap(decode)(z_NBD)
+    per_pass = parallel.items_per_pass(0, num_samples, "num_samples")
+    logits_NBHW = prob_unet.decode_samples(model, params, feats, z_NBD, per_pass)
     return jax.nn.sigmoid(jnp.swapaxes(logits_NBHW, 0, 1))
 
   repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
