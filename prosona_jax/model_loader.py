@@ -1,9 +1,11 @@
 """The two ways `predict` gets a model: a training run, or an export folder.
 
 Both give a `LoadedModel`: the export's metadata (config.json's schema), the prompt bank
-and three callables (`prompt_probs`, `prior`, `decode`; see `inference.py`) with the
-weights already bound. An export folder is run only through its serialized functions:
-nothing here builds the Flax model for it.
+and the inference functions (`inference.py`) with the weights already bound: the split
+`encode`, `decode_prompts` (Stage 2), `decode_latents`, and `prompt_probs` (Stage 2),
+`prior`, `decode`. An export of format version 1 has only the last three; it is still
+read. An export folder is run only through its serialized functions: nothing here
+builds the Flax model for it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ class LoadedModel:
   def has_projector(self) -> bool:
     return "prompt_probs" in self.fns
 
+  @property
+  def has_split(self) -> bool:
+    """Whether the split functions (`encode`, `decode_*`) are there (not in version 1)."""
+    return "encode" in self.fns
+
+  @property
+  def image_size(self) -> int:
+    return int(self.meta["data"]["image_size"])
+
 
 def _bind(fn: Callable, weights: dict) -> Callable:
   jitted = jax.jit(fn)
@@ -56,10 +67,11 @@ def _read_meta(model_dir: str) -> dict:
     got = meta.get("format") if isinstance(meta, dict) else None
     raise InferenceError(f"{path}: field 'format' is {got!r}, expected {exporter.FORMAT!r}: "
                          "not a prosona_jax export")
-  if meta.get("format_version") != exporter.FORMAT_VERSION:
+  if meta.get("format_version") not in exporter.READABLE_VERSIONS:
+    readable = " and ".join(str(v) for v in exporter.READABLE_VERSIONS)
     raise InferenceError(
         f"{path}: field 'format_version' is {meta.get('format_version')!r}, but this "
-        f"prosona_jax reads version {exporter.FORMAT_VERSION} (the folder was written by "
+        f"prosona_jax reads versions {readable} (the folder was written by "
         f"prosona_jax {meta.get('prosona_jax_version', '?')}); re-export it with this "
         "version or use the matching prosona_jax.")
   for field in ("data", "model", "functions"):
@@ -117,7 +129,8 @@ def load_workdir(workdir: str, *, fold: int | None = None, config=None,
   weights = jax.device_put(run.weights)
   fns = inference.make_functions(run.config)
   if not has_projector:
-    del fns["prompt_probs"]
+    for name in inference.PROJECTOR_FUNCTIONS:
+      del fns[name]
   fns = {name: _bind(fn, weights) for name, fn in fns.items()}
   return LoadedModel(meta=meta, bank=run.bank, fns=fns,
                      origin=os.path.abspath(workdir)), run.config

@@ -39,6 +39,7 @@ def trained(tiny_run):
 def test_folder_holds_weights_config_bank_functions_and_readme(tiny_export, tiny_run):
   files = set(os.listdir(tiny_export))
   assert {"params.safetensors", "config.json", "prompt_bank.npz", "README.md",
+          "encode.jaxexport", "decode_prompts.jaxexport", "decode_latents.jaxexport",
           "prompt_probs.jaxexport", "prior.jaxexport", "decode.jaxexport"} <= files
   with open(os.path.join(tiny_export, "config.json")) as f:
     meta = json.load(f)
@@ -47,13 +48,17 @@ def test_folder_holds_weights_config_bank_functions_and_readme(tiny_export, tiny
   assert meta["model"]["backbone"] == "unet" and meta["stage2"]["eval_num_samples"] == 4
   assert meta["text"]["kind"] == "tiny_bert" and meta["source"]["fold"] == 0
   assert "b,p,32,32" in meta["functions"]["prompt_probs"]["outputs"][0]
+  assert meta["num_prior_samples"] == 4
+  assert meta["functions"]["encode"]["outputs"][0] == "features: float32[b,32,32,4]"
+  assert "z: float32[b,4,6]" in meta["functions"]["encode"]["outputs"][3]
   bank = prompt_bank.PromptBank.load(os.path.join(tiny_export, "prompt_bank.npz"))
   run_bank = prompt_bank.PromptBank.load(os.path.join(tiny_run, "fold0", "stage2",
                                                       "prompt_bank.npz"))
   assert bank.prompts == run_bank.prompts
   np.testing.assert_array_equal(bank.embeddings, run_bank.embeddings)
   with open(os.path.join(tiny_export, "README.md")) as f:
-    assert "prompt_probs.jaxexport" in f.read()
+    text = f.read()
+  assert "prompt_probs.jaxexport" in text and "load('decode_prompts')" in text
 
 
 def test_params_safetensors_reload_into_the_model_exactly(tiny_export, trained):
@@ -110,6 +115,17 @@ def test_exported_functions_match_the_model(tiny_export, trained, batch):
   # Each image draws from its own key: the first image's masks ignore the batch around it.
   alone = loaded.fns["prompt_probs"](images[:1], emb, keys[:1])
   np.testing.assert_allclose(alone, got[:1], atol=1e-6)
+  # The split functions: the image part once, then any prompts or latents on its features.
+  e_feats, e_mu2, e_log2, e_z = loaded.fns["encode"](images, keys)
+  np.testing.assert_allclose(e_feats, feats, atol=1e-5)
+  np.testing.assert_allclose(e_mu2, mu, atol=1e-5)
+  np.testing.assert_allclose(e_log2, log_sigma, atol=1e-5)
+  assert e_z.shape == (batch, 4, 6)
+  np.testing.assert_allclose(loaded.fns["decode_prompts"](e_feats, e_z, emb), want, atol=1e-5)
+  np.testing.assert_allclose(loaded.fns["decode_latents"](e_feats, z), want_logits, atol=1e-5)
+  # Prompts one at a time on the same features give the same masks as all at once.
+  one = loaded.fns["decode_prompts"](e_feats, e_z, emb[2:3])
+  np.testing.assert_allclose(one[:, 0], want[:, 2], atol=1e-5)
 
 
 def test_cli_exports_a_stage2_dir_and_needs_a_config_when_none_was_saved(
@@ -173,3 +189,4 @@ def test_predictor_prompt_passes_agree(trained):
   assert np.abs(out[7][:, 0] - out[7][:, 1]).max() > 1e-4
   for per_pass in (1, 3):
     np.testing.assert_allclose(out[per_pass], out[7], atol=1e-6)
+
