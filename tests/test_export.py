@@ -190,3 +190,33 @@ def test_predictor_prompt_passes_agree(trained):
   for per_pass in (1, 3):
     np.testing.assert_allclose(out[per_pass], out[7], atol=1e-6)
 
+
+def _as_version_1(export_dir, out_dir) -> str:
+  """A copy of an export as format version 1 wrote it: no split functions."""
+  shutil.copytree(export_dir, out_dir)
+  with open(os.path.join(out_dir, "config.json")) as f:
+    meta = json.load(f)
+  for name in ("encode", "decode_prompts", "decode_latents"):
+    os.remove(os.path.join(out_dir, meta["functions"].pop(name)["file"]))
+  meta["format_version"] = 1
+  del meta["num_prior_samples"]
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(meta, f)
+  return str(out_dir)
+
+
+def test_version_1_exports_still_predict_whole_images_alike(tiny_export, tmp_path):
+  from prosona_jax import predictor
+  old = model_loader.load_export(_as_version_1(tiny_export, tmp_path / "v1"))
+  new = model_loader.load_export(tiny_export)
+  assert not old.has_split and new.has_split and old.has_projector
+  x = np.random.default_rng(0).random((2, 70, 45, 1), np.float32)  # 3 x 2 tiles each.
+  keys = inference.image_keys(5, np.arange(2))
+  emb = new.bank.embeddings[:3]
+  got = {}
+  for name, model in (("v1", old), ("v2", new)):
+    p = predictor.Predictor(model, batch_size=4)
+    got[name] = (p.prompts(x, keys, emb), p.samples(x, keys, 5))
+  assert got["v2"][0].shape == (2, 3, 70, 45) and got["v2"][1].shape == (2, 5, 70, 45)
+  for a, b in zip(got["v1"], got["v2"]):
+    np.testing.assert_allclose(a, b, atol=1e-6)
