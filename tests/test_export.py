@@ -220,3 +220,19 @@ def test_version_1_exports_still_predict_whole_images_alike(tiny_export, tmp_pat
   assert got["v2"][0].shape == (2, 3, 70, 45) and got["v2"][1].shape == (2, 5, 70, 45)
   for a, b in zip(got["v1"], got["v2"]):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_functions_are_deserialized_on_first_use_and_bad_files_named(tiny_export, tmp_path):
+  broken = tmp_path / "broken"
+  shutil.copytree(tiny_export, broken)
+  (broken / "decode.jaxexport").write_bytes(b"not a jax export")
+  model = model_loader.load_export(str(broken))  # Only listed files are checked here.
+  assert set(model.fns) == set(export.FUNCTION_FILES) and model.has_split
+  images = np.zeros((1, 32, 32, 1), np.float32)
+  model.fns["encode"](images, inference.image_keys(0, [0]))
+  with pytest.raises(inference.InferenceError,
+                     match=r"decode\.jaxexport: cannot deserialize the decode function"):
+    model.fns["decode"](images, np.zeros((1, 2, 6), np.float32))
+  os.remove(broken / "prior.jaxexport")
+  with pytest.raises(inference.InferenceError, match=r"prior\.jaxexport: missing"):
+    model_loader.load_export(str(broken))
