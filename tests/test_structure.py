@@ -23,7 +23,7 @@ TRAINING = ("prosona_jax.trainer", "prosona_jax.run", "prosona_jax.ablation",
             "prosona_jax.main", "prosona_jax.optimizers", "prosona_jax.losses")
 SERVING = ("prosona_jax.predict", "prosona_jax.predictor", "prosona_jax.inference",
            "prosona_jax.model_loader", "prosona_jax.exporter", "prosona_jax.export",
-           "prosona_jax.image_io")
+           "prosona_jax.image_io", "prosona_jax.tiling")
 
 
 def _module_name(path: str) -> str:
