@@ -151,6 +151,8 @@ def load_config(workdir: str, override: ml_collections.ConfigDict | None = None
       loaded = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise InferenceError(f"{path}: not readable JSON ({e})") from e
+  if isinstance(loaded, dict):
+    loaded.pop("data_info", None)  # What the run recorded about its data, not a setting.
   # Fields added since the run was made take their defaults.
   from prosona_jax import config_defaults  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(
