@@ -68,6 +68,24 @@ def _read_meta(model_dir: str) -> dict:
   return meta
 
 
+def check_weights(weights: dict, exp: jax_export.Exported, wpath: str, fpath: str) -> None:
+  """Refuses weights that are not the ones `exp` was exported with (names, shapes, dtypes).
+
+  Otherwise a params.safetensors of another model fails deep inside the call.
+  """
+  (args, _) = jax.tree_util.tree_unflatten(exp.in_tree, exp.in_avals)
+  expected = args[0]  # Every function takes the whole weights dict first.
+  for name in sorted(set(expected) | set(weights)):
+    want, got = expected.get(name), weights.get(name)
+    if want is None or got is None or tuple(want.shape) != tuple(got.shape) \
+        or want.dtype != got.dtype:
+      describe = lambda a: "absent" if a is None else f"{a.dtype}{list(a.shape)}"
+      raise InferenceError(
+          f"{wpath}: tensor {name!r} is {describe(got)}, but {os.path.basename(fpath)} "
+          f"expects {describe(want)}: these weights belong to another model (re-export "
+          "the folder from its run)")
+
+
 def load_export(model_dir: str) -> LoadedModel:
   """Loads an export folder through its serialized functions only."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -93,6 +111,7 @@ def load_export(model_dir: str) -> LoadedModel:
     if platform not in exp.platforms:
       raise InferenceError(f"{fpath}: exported for {', '.join(exp.platforms)}, but JAX "
                            f"runs on {platform} here; re-export with --platforms={platform}")
+    check_weights(weights, exp, wpath, fpath)
     fns[name] = _bind(exp.call, weights)
   bank = None
   if meta.get("prompt_bank"):

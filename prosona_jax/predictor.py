@@ -197,8 +197,30 @@ def _predict_volume(opts: Options, predictor: Predictor, vol: image_io.Volume, s
   return out
 
 
+def check_options(opts: Options) -> None:
+  """Refuses settings that cannot predict, before any model is loaded."""
+  threshold = opts.threshold
+  if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+    # NaN compares false with everything: it would write empty masks.
+    raise InferenceError(f"--threshold={threshold}: expected a probability strictly "
+                         "between 0 and 1")
+  for flag, value, low in (("batch_size", opts.batch_size, 1), ("samples", opts.samples, 0),
+                           ("interpolate_steps", opts.interpolate_steps, 2)):
+    if value < low:
+      raise InferenceError(f"--{flag}={value}: expected an integer >= {low}")
+  check_out_dir(opts.out, "--out")
+
+
+def check_out_dir(out: str, flag: str) -> None:
+  """Refuses an output folder path that names an existing file."""
+  if out and os.path.exists(out) and not os.path.isdir(out):
+    raise InferenceError(f"{flag}={out}: an existing file, not a folder; name a folder "
+                         "(it is created if missing)")
+
+
 def run(opts: Options) -> dict:
   """Predicts every input and writes the outputs; returns the manifest."""
+  check_options(opts)
   if bool(opts.model) == bool(opts.workdir):
     raise InferenceError("give exactly one of --model=EXPORT_DIR and --workdir=RUN_DIR")
   if opts.samples > 0 and opts.prompts:
