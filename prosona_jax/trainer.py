@@ -177,7 +177,7 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
     eval_fn: validation `(state, step) -> metrics`, run every `loop.eval_every` steps and
       at the end.
     hooks: called as `hook(step, state)` after every step (step counted from 1); a hook
-      that returns a state replaces the loop's (tests inject faults so).
+      that returns a `TrainState` replaces the loop's (tests inject faults so).
 
   Returns:
     The final state (also checkpointed).
@@ -251,7 +251,8 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
         writer.scalars(done, {f"val/{k}": v for k, v in eval_fn(state, done).items()})
       for hook in hooks:
         replaced = hook(done, state)
-        state = state if replaced is None else replaced
+        if isinstance(replaced, TrainState):  # Other return values mean nothing.
+          state = replaced
   save(loop.total_steps)
   ckpt.wait()
   if eval_fn is not None:
