@@ -200,10 +200,10 @@ def _predict_volume(opts: Options, predictor: Predictor, vol: image_io.Volume, s
 def check_options(opts: Options) -> None:
   """Refuses settings that cannot predict, before any model is loaded."""
   threshold = opts.threshold
-  if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-    # NaN compares false with everything: it would write empty masks.
-    raise InferenceError(f"--threshold={threshold}: expected a probability strictly "
-                         "between 0 and 1")
+  # Masks are `probs > threshold`: NaN (compares false) and 1 or more give empty masks,
+  # a negative value full ones. 0 is kept: "any support at all".
+  if not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+    raise InferenceError(f"--threshold={threshold}: expected a probability in [0, 1)")
   for flag, value, low in (("batch_size", opts.batch_size, 1), ("samples", opts.samples, 0),
                            ("interpolate_steps", opts.interpolate_steps, 2)):
     if value < low:
