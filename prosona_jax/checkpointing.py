@@ -151,14 +151,11 @@ def verify(tree: Any, meta: dict, *, partial: bool = False) -> None:
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
-  """An exception as one short line: its root cause, which names the file or array
-  (Orbax wraps TensorStore's error in one that prints a whole TensorStore spec)."""
+  """An exception as one short line: its root cause (`raise ... from`), which names the
+  file or array (Orbax wraps TensorStore's error in one that prints a whole spec)."""
   seen = {id(error)}
-  while (error.__cause__ or error.__context__) is not None and not isinstance(
-      error, DamagedCheckpoint):
-    error = error.__cause__ or error.__context__
-    if id(error) in seen:
-      break
+  while error.__cause__ is not None and id(error.__cause__) not in seen:
+    error = error.__cause__
     seen.add(id(error))
   text = " ".join(str(error).split("See full TensorStore details")[0].split())
   if not isinstance(error, DamagedCheckpoint):
