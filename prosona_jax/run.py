@@ -132,10 +132,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, source) -> 
                       "num_images": len(source),
                       "num_patients": len(set(source.patient_ids))}
   text = json.dumps(new, indent=1)
-  if text != saved_text:
-    if saved_text is not None:
-      layout.write_text(os.fspath(path.parent / "config.prev.json"), saved_text)
-    layout.write_text(os.fspath(path), text)
+  if saved_text is not None and text != saved_text:
+    layout.write_text(os.fspath(path.parent / "config.prev.json"), saved_text)
+  layout.write_text(os.fspath(path), text)
 
 
 @guard_workdir
