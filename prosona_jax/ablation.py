@@ -36,6 +36,7 @@ from prosona_jax import logger as logger_lib
 from prosona_jax import parallel
 from prosona_jax import run
 from prosona_jax import trainer
+from prosona_jax.data import sources
 from prosona_jax.errors import UserError
 from prosona_jax.methods import prosona_stage1
 from prosona_jax.methods import prosona_stage2
@@ -149,11 +150,20 @@ def test_cells(method: prosona_stage2.Stage2, params_per_cell) -> list[dict]:
       cached.keys) for p in params_per_cell]
 
 
+@run.guard_workdir
 def run_program(config, workdir: str, hooks: tuple = ()) -> list[dict]:
   """Trains and scores every cell of every requested fold in one program."""
   cells = config_lib.grid_cells(config)
+  source = sources.source_from_config(config.data)
+  folds = list(run.folds(config, workdir, source=source))
+  for fold in folds:  # Settings that cannot train are refused before anything compiles.
+    if checkpointing.latest_step_dir(layout.stage2_init_dir(config, workdir, fold.fold)) is None:
+      run.check_steps(fold, "stage1", layout.checkpoint_dir(workdir, fold.fold, "stage1"))
+    run.check_steps(fold, "stage2", os.path.join(layout.stage_dir(workdir, fold.fold, "grid"),
+                                                 "checkpoints"))
+  run.prepare_workdir(config, workdir, source)
   rows = []
-  for fold in run.folds(config, workdir):
+  for fold in folds:
     s1_dir = layout.stage2_init_dir(config, workdir, fold.fold)
     if checkpointing.latest_step_dir(s1_dir) is None:
       logging.info("No Stage-1 checkpoint for fold %d: training Stage 1 first.", fold.fold)

@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Base PRNG seed for initialisation and sampling.
   c.method = "prosona"  # What `main` trains: see `prosona_jax.methods.METHODS`.
   c.stages = ("stage1", "stage2")  # Which of the method's stages `main` runs, in order.
+  c.allow_config_change = False  # Resume though fields outside config_lib.RESUMABLE_FIELDS changed.
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()

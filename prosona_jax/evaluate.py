@@ -96,6 +96,9 @@ class Evaluator:
     m = self.method
     result = m.score(labels, probs)
     result.update(stage=m.name, fold=m.fold.fold, **m.result_fields(), keys=keys)
+    # How the folds grouped images into patients (`one_per_image` may leak a patient's
+    # slices between train and test): recorded beside the scores it qualifies.
+    result["patient_grouping"] = getattr(m.fold.source, "patient_grouping", None)
     return result
 
   def test(self, state, *, write: bool = True) -> base.TestOutput:

@@ -235,6 +235,8 @@ def export_run(workdir: str, out_dir: str, *, fold: int | None = None,
                stage2_dir: str | None = None, cell: int | None = None,
                platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
   """Exports one fold of a training run (Stage 1 only when it has no Stage 2)."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise inference.InferenceError(f"--out={out_dir}: an existing file, not a folder")
   run = inference.load_run(workdir, fold=fold, config=config, stage2_dir=stage2_dir,
                            cell=cell)
   return write_export(out_dir, run.config, run.weights, bank=run.bank, source=run.source,

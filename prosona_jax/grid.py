@@ -34,9 +34,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv, hooks: tuple = ()):
   del argv
   from prosona_jax import ablation  # pylint: disable=g-import-not-at-top
+  from prosona_jax import config_lib  # pylint: disable=g-import-not-at-top
   from prosona_jax import distributed  # pylint: disable=g-import-not-at-top
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  config_lib.check(config)  # Every mode: bad counts and sizes fail before any work.
   if mode == "program":
     distributed.maybe_initialize(_DISTRIBUTED.value)
     ablation.write_grid(config, workdir, ablation.run_program(config, workdir, hooks))

@@ -198,6 +198,8 @@ def load_config(workdir: str, override: ml_collections.ConfigDict | None = None
       loaded = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise InferenceError(f"{path}: not readable JSON ({e})") from e
+  if isinstance(loaded, dict):
+    loaded.pop("data_info", None)  # What the run recorded about its data, not a setting.
   # Fields added since the run was made take their defaults.
   from prosona_jax import config_defaults  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(
@@ -261,7 +263,6 @@ def load_run(workdir: str, *, fold: int | None = None,
   from prosona_jax import layout  # pylint: disable=g-import-not-at-top
   from prosona_jax import prompt_bank  # pylint: disable=g-import-not-at-top
   from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   config = load_config(workdir, config)
   if fold is None:
@@ -279,14 +280,11 @@ def load_run(workdir: str, *, fold: int | None = None,
   s2_dir = stage2_dir or layout.stage_dir(workdir, fold, "stage2")
   ckpt_dir = os.path.join(s2_dir, "checkpoints")
   if os.path.isdir(ckpt_dir):
-    ckpt = checkpointing.Checkpointer(ckpt_dir)
-    step = ckpt.latest_step()
-    if step is not None:
-      # Restored without a target: only the params matter, whatever optimizer made them.
-      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-      projector = jax.device_get(restored["state"]["params"])
-    ckpt.close()
+    if checkpointing.step_dirs(ckpt_dir):
+      # Shapes from the checkpoint: only the params matter, whatever optimizer made them.
+      # Verified, falling back to an older step when the newest is damaged.
+      restored, _ = checkpointing.load_params(ckpt_dir, None, fields=("params",))
+      projector = jax.device_get(restored["params"])
     if projector is not None:
       projector, cell_info = _grid_cell(projector, config, cell, ckpt_dir)
     bank_path = os.path.join(s2_dir, "prompt_bank.npz")

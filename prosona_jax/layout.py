@@ -2,8 +2,12 @@
 
 Layout of a work directory (local, or a URL such as gs://bucket/run through etils.epath):
 
-  WORKDIR/config.json                         the run's config (export and predict read it)
+  WORKDIR/config.json                         the run's config (export and predict read it),
+                                              with `data_info` (patient_grouping); the one
+                                              before a changed resume: config.prev.json
+  WORKDIR/.lock                               the running run (workdir_lock.py)
   WORKDIR/fold<k>/<stage>/checkpoints         Orbax: train state + Grain iterator per step
+                                              (`<step>.damaged`: set aside, see checkpointing)
   WORKDIR/fold<k>/<stage>/logs                TensorBoard events and metrics.jsonl
   WORKDIR/fold<k>/stage2/prompt_bank.npz      the embedded prompt bank (Stage 2, grid)
   WORKDIR/fold<k>/grid                        the ablation grid's projectors (all cells)

@@ -62,6 +62,7 @@ class _ExportedFunctions(collections.abc.MutableMapping):
     self._dir, self._meta, self._weights = model_dir, meta, weights
     self._specs = dict(meta["functions"])
     self._loaded: dict[str, Callable] = {}
+    self._cache: dict[str, jax_export.Exported] = {}
     for name, spec in self._specs.items():
       fpath = os.path.join(model_dir, spec["file"])
       if not os.path.isfile(fpath):
@@ -71,10 +72,12 @@ class _ExportedFunctions(collections.abc.MutableMapping):
     if name not in self._loaded:
       if name not in self._specs:
         raise KeyError(name)
-      self._loaded[name] = _bind(self._deserialize(name), self._weights)
+      self._loaded[name] = _bind(self._exported(name).call, self._weights)
     return self._loaded[name]
 
-  def _deserialize(self, name: str) -> Callable:
+  def _exported(self, name: str) -> jax_export.Exported:
+    if name in self._cache:
+      return self._cache[name]
     fpath = os.path.join(self._dir, self._specs[name]["file"])
     try:
       with open(fpath, "rb") as f:
@@ -87,7 +90,19 @@ class _ExportedFunctions(collections.abc.MutableMapping):
     if platform not in exp.platforms:
       raise InferenceError(f"{fpath}: exported for {', '.join(exp.platforms)}, but JAX "
                            f"runs on {platform} here; re-export with --platforms={platform}")
-    return exp.call
+    self._cache[name] = exp
+    return exp
+
+  def check_weights(self, wpath: str) -> None:
+    """Refuses weights that do not fit the functions, reading only one of them.
+
+    Every function takes the whole weights dict, so one signature tells; a folder whose
+    params.safetensors belongs to another model fails here, in one line, not deep inside
+    the first call. `encode` (else `prior`) is read: predict needs it anyway.
+    """
+    name = next((n for n in ("encode", "prior") if n in self._specs), next(iter(self._specs)))
+    fpath = os.path.join(self._dir, self._specs[name]["file"])
+    check_weights(self._weights, self._exported(name), wpath, fpath)
 
   def __setitem__(self, name: str, fn: Callable) -> None:
     self._specs.setdefault(name, None)
@@ -134,6 +149,24 @@ def _read_meta(model_dir: str) -> dict:
   return meta
 
 
+def check_weights(weights: dict, exp: jax_export.Exported, wpath: str, fpath: str) -> None:
+  """Refuses weights that are not the ones `exp` was exported with (names, shapes, dtypes).
+
+  Otherwise a params.safetensors of another model fails deep inside the call.
+  """
+  (args, _) = jax.tree_util.tree_unflatten(exp.in_tree, exp.in_avals)
+  expected = args[0]  # Every function takes the whole weights dict first.
+  for name in sorted(set(expected) | set(weights)):
+    want, got = expected.get(name), weights.get(name)
+    if want is None or got is None or tuple(want.shape) != tuple(got.shape) \
+        or want.dtype != got.dtype:
+      describe = lambda a: "absent" if a is None else f"{a.dtype}{list(a.shape)}"
+      raise InferenceError(
+          f"{wpath}: tensor {name!r} is {describe(got)}, but {os.path.basename(fpath)} "
+          f"expects {describe(want)}: these weights belong to another model (re-export "
+          "the folder from its run)")
+
+
 def load_export(model_dir: str) -> LoadedModel:
   """Loads an export folder through its serialized functions only."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -146,6 +179,7 @@ def load_export(model_dir: str) -> LoadedModel:
   except Exception as e:  # Missing, truncated or not safetensors.
     raise InferenceError(f"{wpath}: cannot read the weights ({e})") from e
   fns = _ExportedFunctions(model_dir, meta, weights)
+  fns.check_weights(wpath)
   bank = None
   if meta.get("prompt_bank"):
     bpath = os.path.join(model_dir, meta["prompt_bank"])

@@ -489,6 +489,27 @@ def _predict_volume(opts: Options, predictor: Predictor, vol: image_io.Volume,
   return out
 
 
+def check_options(opts: Options) -> None:
+  """Refuses settings that cannot predict, before any model is loaded."""
+  threshold = opts.threshold
+  # Masks are `probs > threshold`: NaN (compares false) and 1 or more give empty masks,
+  # a negative value full ones. 0 is kept: "any support at all".
+  if not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+    raise InferenceError(f"--threshold={threshold}: expected a probability in [0, 1)")
+  for flag, value, low in (("batch_size", opts.batch_size, 1), ("samples", opts.samples, 0),
+                           ("interpolate_steps", opts.interpolate_steps, 2)):
+    if value < low:
+      raise InferenceError(f"--{flag}={value}: expected an integer >= {low}")
+  check_out_dir(opts.out, "--out")
+
+
+def check_out_dir(out: str, flag: str) -> None:
+  """Refuses an output folder path that names an existing file."""
+  if out and os.path.exists(out) and not os.path.isdir(out):
+    raise InferenceError(f"{flag}={out}: an existing file, not a folder; name a folder "
+                         "(it is created if missing)")
+
+
 def run(opts: Options, report: Callable[[str], None] | None = None) -> dict:
   """Predicts every input and writes the outputs; returns the manifest.
 
@@ -497,6 +518,7 @@ def run(opts: Options, report: Callable[[str], None] | None = None) -> dict:
     report: called with one line per input saying how it reaches the model (the CLI
       prints them); None: silent.
   """
+  check_options(opts)
   if bool(opts.model) == bool(opts.workdir):
     raise InferenceError("give exactly one of --model=EXPORT_DIR and --workdir=RUN_DIR")
   if opts.samples > 0 and opts.prompts:

@@ -8,11 +8,13 @@ loop, one stage's training (`train_stage`, around `trainer.fit`) and its test sc
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterator
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -23,6 +25,8 @@ from prosona_jax import layout
 from prosona_jax import logger as logger_lib
 from prosona_jax import parallel
 from prosona_jax import trainer
+from prosona_jax import workdir_lock
+from prosona_jax.errors import ConfigError
 from prosona_jax.data import sources
 from prosona_jax.data import splits
 from prosona_jax.methods import base
@@ -65,6 +69,75 @@ def train_stage(method: base.Method, hooks: tuple = ()) -> trainer.TrainState:
   return state
 
 
+def guard_workdir(fn):
+  """Runs `fn(config, workdir, ...)` after checking the config (`config_lib.check`),
+  holding `WORKDIR/.lock` (`workdir_lock`): one run per work directory."""
+  @functools.wraps(fn)
+  def guarded(config, workdir: str, *args, **kwargs):
+    config_lib.check(config)
+    with workdir_lock.hold(workdir):
+      return fn(config, workdir, *args, **kwargs)
+  return guarded
+
+
+def check_steps(fold: base.Fold, section: str, ckpt_dir: str) -> None:
+  """Refuses, before anything compiles, a stage that cannot train on the fold: no whole
+  batch in its training split, or nothing to train (epochs=0) and nothing to resume."""
+  cfg, d = fold.config[section], fold.config.data
+  steps_per_epoch = fold.steps_per_epoch
+  if steps_per_epoch == 0:
+    raise ConfigError(f"config.data.batch_size={d.batch_size}: more than the "
+                      f"{len(fold.split.train)} training images of fold {fold.fold}; lower it")
+  if base.total_steps(cfg, steps_per_epoch) == 0 and \
+      checkpointing.latest_step_dir(ckpt_dir) is None:
+    raise ConfigError(f"config.{section}.epochs=0: nothing to train, and no checkpoint in "
+                      f"{ckpt_dir} to evaluate; set epochs >= 1 or max_steps >= 1")
+
+
+def _has_results(workdir: str) -> bool:
+  """Whether the work directory holds a checkpoint or a test result already."""
+  root = epath.Path(workdir)
+  return any(p.name.isdigit() for p in root.glob("fold*/*/checkpoints/*")) or \
+      any(root.glob("eval/*.json"))
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, source) -> None:
+  """Checks a resumed run's config against `WORKDIR/config.json`, then writes it.
+
+  A run with checkpoints or results is resumed only with the config it was made with,
+  up to `config_lib.RESUMABLE_FIELDS` (or with `allow_config_change`). config.json is
+  replaced atomically (`layout.write_text`), the previous one kept as config.prev.json;
+  it records the data's `patient_grouping` under `data_info`.
+
+  Raises:
+    ConfigError: the config differs in other fields (one line listing them).
+  """
+  path = epath.Path(layout.config_path(workdir))
+  saved_text = path.read_text() if path.exists() else None
+  new = json.loads(config.to_json_best_effort())
+  if saved_text is not None and not config.allow_config_change and _has_results(workdir):
+    try:
+      saved = json.loads(saved_text)
+    except ValueError as e:
+      raise ConfigError(f"{path}: not readable JSON ({e}); restore it (config.prev.json may "
+                        "hold the previous one) or pass --config.allow_config_change=True")
+    saved.pop("data_info", None)
+    changes = config_lib.config_changes(saved, new)
+    if changes:
+      listed = ", ".join(f"{field} ({json.dumps(old)} -> {json.dumps(cur)})"
+                         for field, old, cur in changes)
+      raise ConfigError(f"config differs from {path} in: {listed}; pass "
+                        "--config.allow_config_change=True to resume anyway")
+  new["data_info"] = {"patient_grouping": getattr(source, "patient_grouping", None),
+                      "num_images": len(source),
+                      "num_patients": len(set(source.patient_ids))}
+  text = json.dumps(new, indent=1)
+  if saved_text is not None and text != saved_text:
+    layout.write_text(os.fspath(path.parent / "config.prev.json"), saved_text)
+  layout.write_text(os.fspath(path), text)
+
+
+@guard_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: tuple = ()) -> None:
   """Runs the configured stages on every requested fold, then writes the summary table.
@@ -74,8 +147,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stage_classes = registry.stages(config)
   source = sources.source_from_config(config.data)
   logging.info("Data: %s", source.describe())
+  for fold in folds(config, workdir, source=source):
+    for cls in stage_classes:
+      check_steps(fold, cls.section, layout.checkpoint_dir(workdir, fold.fold, cls.name))
   # `export` and `predict` rebuild the model from it.
-  layout.write_text(layout.config_path(workdir), config.to_json_best_effort(indent=1))
+  prepare_workdir(config, workdir, source)
   for fold in folds(config, workdir, source=source):
     for cls in stage_classes:
       method = cls(fold)
@@ -88,6 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Builds the model from the config without data; prints and writes parameter counts."""
+  config_lib.check(config)
   registry.stages(config)
   shapes = jax.eval_shape(lambda r: prob_unet.init_from_config(config, r), jax.random.key(0))
   counts = prob_unet.count_params(shapes["params"])

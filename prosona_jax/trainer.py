@@ -6,7 +6,12 @@ the host only on logging steps, so the device runs ahead of Python between them.
 
 Hooks (`fit(..., hooks=[...])`) are called after every step with the step number (counted
 from 1) and the state, as nanodo's loop calls its progress and profiling hooks; tests use
-them to inject faults (a SIGKILL or SIGTERM after a given step).
+them to inject faults (a SIGKILL or SIGTERM after a given step, or a NaN: a hook that
+returns a state replaces the loop's).
+
+A checkpoint is written only of a state that is entirely finite (`Checkpointer.save`
+checks every array on the host, with its checksums), so the last good checkpoint the NaN
+stop names is one.
 """
 
 import dataclasses
@@ -171,12 +176,14 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
     lr_fn: learning rate at a step, for logging.
     eval_fn: validation `(state, step) -> metrics`, run every `loop.eval_every` steps and
       at the end.
-    hooks: called as `hook(step, state)` after every step (step counted from 1).
+    hooks: called as `hook(step, state)` after every step (step counted from 1); a hook
+      that returns a `TrainState` replaces the loop's (tests inject faults so).
 
   Returns:
     The final state (also checkpointed).
   """
-  restored, _, latest = checkpointing.load_state_if_possible(ckpt, state, iterator)
+  restored, _, latest = checkpointing.load_state_if_possible(ckpt, state, iterator,
+                                                             name=loop.name)
   if restored is not None:
     state = restored
     logging.info("%s: resumed from the checkpoint of step %d.", loop.name, latest)
@@ -185,23 +192,37 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
     logging.info("%s: already complete (%d steps).", loop.name, start)
     return state
 
+  def stop(what: str) -> None:
+    ckpt.wait()  # An earlier save may still be in flight: finish it before dying.
+    # Only finite states are saved (`Checkpointer.save` refuses others): the newest is good.
+    good = ckpt.latest_step()
+    kept = (f"The last good checkpoint is step {good} in {ckpt.directory}" if good is not None
+            else f"No checkpoint was written to {ckpt.directory} before it")
+    raise NonFiniteLoss(f"{loop.name}: {what}; stopping. {kept} "
+                        "(lower the learning rate or check the data).")
+
   def check_finite(step: int) -> None:
+    del step
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
-      ckpt.wait()  # An earlier save may still be in flight: finish it before dying.
-      good = ckpt.latest_step()
-      kept = (f"The last good checkpoint is step {good} in {ckpt.directory}" if good is not None
-              else f"No checkpoint was written to {ckpt.directory} before it")
-      raise NonFiniteLoss(
-          f"{loop.name}: the loss became NaN or infinite at step {bad}; stopping. {kept} "
-          "(lower the learning rate or check the data).")
+      stop(f"the loss became NaN or infinite at step {bad}")
+
+  def save(step: int) -> None:
+    check_finite(step)
+    try:
+      ckpt.save(step, state, iterator, {"stage": loop.name, "batches": step})
+    except checkpointing.NonFiniteState as e:
+      # The guard skips updates whose loss or gradients are not finite, but a finite
+      # update can still make NaN parameters (a NaN learning rate, an overflow).
+      stop(f"the parameters or optimizer state became NaN or infinite by step {step} "
+           f"({e.leaves[0]}), with every loss and gradient finite (a non-finite learning "
+           "rate, or an update that overflowed)")
 
   t_start, t_last, step_last = time.time(), time.time(), start
   with _SigtermFlag() as sigterm:
     for step in range(start, loop.total_steps):
       if sigterm.should_stop(step):
-        check_finite(step)
-        ckpt.save(step, state, iterator, {"stage": loop.name})
+        save(step)
         ckpt.wait()
         logging.warning("%s: preempted at step %d; checkpoint saved. Re-run the same "
                         "command to resume.", loop.name, step)
@@ -224,15 +245,15 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
         logging.info("%s step %d/%d  loss %.4f  %.2f steps/s  ETA %s", loop.name, done,
                      loop.total_steps, float(metrics["loss"]), rate, _fmt_time(eta))
       if done % loop.checkpoint_every == 0 and done < loop.total_steps:
-        check_finite(done)
-        ckpt.save(done, state, iterator, {"stage": loop.name})
+        save(done)
       if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 \
           and done < loop.total_steps:
         writer.scalars(done, {f"val/{k}": v for k, v in eval_fn(state, done).items()})
       for hook in hooks:
-        hook(done, state)
-  check_finite(loop.total_steps)
-  ckpt.save(loop.total_steps, state, iterator, {"stage": loop.name})
+        replaced = hook(done, state)
+        if isinstance(replaced, TrainState):  # Other return values mean nothing.
+          state = replaced
+  save(loop.total_steps)
   ckpt.wait()
   if eval_fn is not None:
     writer.scalars(loop.total_steps,
