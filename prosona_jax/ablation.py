@@ -229,14 +229,19 @@ def _run_program(config, workdir: str, cells, source, hooks: tuple) -> list[dict
 def commands(config_arg: str, workdir: str, config) -> list[str]:
   """One shell command per cell for a cluster; each resumes by itself if interrupted."""
   out = []
+  # The cells share one trained Stage 1: the one named by stage2.init_from, else WORKDIR's.
+  init_from = config.stage2.init_from
+  if not init_from:
+    init_from = os.path.join(os.path.abspath(workdir), "fold{fold}", "stage1", "checkpoints")
+  elif "://" not in init_from:
+    init_from = os.path.abspath(init_from)
   for alpha, beta in config_lib.grid_cells(config):
     out.append(" ".join([
         "python -m prosona_jax.main", f"--config={shlex.quote(config_arg)}",
         f"--workdir={shlex.quote(cell_dir(workdir, alpha, beta))}",
         f"--config.stage2.alpha={alpha:g}", f"--config.stage2.beta={beta:g}",
         "--config.stages=stage2",
-        "--config.stage2.init_from=" + shlex.quote(
-            os.path.join(os.path.abspath(workdir), "fold{fold}", "stage1", "checkpoints"))]))
+        "--config.stage2.init_from=" + shlex.quote(init_from)]))
   return out
 
 

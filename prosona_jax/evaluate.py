@@ -103,6 +103,8 @@ class Evaluator:
   def test(self, state, *, write: bool = True) -> base.TestOutput:
     """Scores the test fold; writes `eval/<stage>_fold<k>.json` and the figures."""
     m = self.method
+    logging.info("%s/fold%d: scoring the test fold (%d images)...", m.name, m.fold.fold,
+                 len(m.fold.split.test))
     labels, probs, keys = self.predict(state, m.fold.split.test, self.test_rng)
     out = base.TestOutput(self.result(labels, probs, keys), labels, probs, keys)
     if write:

@@ -53,13 +53,16 @@ def check_writable(workdir: str) -> None:
 
   Run before any training, so that a read-only or mistyped work directory fails at once
   rather than at the first checkpoint. Remote paths (gs://) are checked the same way
-  through etils.epath, as far as their file system lets a write be tried.
+  through etils.epath, as far as their file system lets a write be tried. Process 0
+  only, like every small-file write.
 
   Raises:
     UserError: the directory cannot be created or written.
   """
+  if jax.process_index() != 0:
+    return
   path = epath.Path(workdir)
-  probe = path / f".write_probe_{os.getpid()}_{jax.process_index()}"
+  probe = path / f".write_probe_{os.getpid()}"
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe.write_text("")

@@ -167,6 +167,13 @@ def test_grid_refuses_another_model_than_its_stage1(tiny_main, tmp_path):
     ablation.preflight(config, str(tmp_path))
 
 
+def test_grid_commands_start_from_the_named_stage1(tmp_path):
+  cmds = ablation.commands("configs/tiny.py", str(tmp_path), _tiny_config(init_from="runs/demo"))
+  assert len(cmds) == 9
+  assert all(c.endswith(f"--config.stage2.init_from={os.path.abspath('runs/demo')}")
+             for c in cmds)
+
+
 def test_grid_without_a_stage1_stops_and_says_how(tmp_path, env):
   workdir = tmp_path / "grid"
   proc = _tool("grid", env, "--config=configs/tiny.py", f"--workdir={workdir}")
