@@ -48,9 +48,10 @@ def preflight(config: ml_collections.ConfigDict, workdir: str,
               stage_classes: Sequence[type[base.Method]]) -> None:
   """Checks every external need of the run before its first step.
 
-  Each stage's `Method.preflight` checks its own needs (Stage 1: `model.pretrained_encoder`; Stage 2: a trained Stage 1 unless this
-  run trains it, and the text encoder, by embedding the prompt bank now). The data
-  source has opened, and `layout.check_writable` has passed, before this is called.
+  Each stage's `Method.preflight` checks its own needs (Stage 1: the file of
+  `model.pretrained_encoder`; Stage 2: a trained Stage 1 unless this run trains it, and
+  the text encoder, by embedding the prompt bank now). The data source has opened, and
+  `layout.check_writable` has passed, before this is called.
 
   Raises:
     UserError: with a message saying what is missing and how to provide it.

@@ -166,10 +166,11 @@ def prepare_banks(config, stage_dirs) -> bank_lib.PromptBank:
 
 def _run_of(init_dir: str) -> str | None:
   """The work directory of the run whose Stage-1 checkpoints are `init_dir`, if known."""
-  parts = os.path.normpath(init_dir).split(os.sep)
-  if len(parts) > 3 and parts[-2:] == ["stage1", "checkpoints"] and \
-      parts[-3].startswith("fold"):
-    run_dir = os.sep.join(parts[:-3]) or os.sep
+  # Split on "/" rather than normalising: gs:// paths must keep their double slash.
+  parts = init_dir.rstrip("/").rsplit("/", 3)
+  if len(parts) == 4 and parts[1].startswith("fold") and parts[2:] == ["stage1",
+                                                                     "checkpoints"]:
+    run_dir = parts[0] or "/"
     if layout.is_run_dir(run_dir):
       return run_dir
   return None
