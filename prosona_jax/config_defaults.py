@@ -101,8 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   s2.log_every = 50  # Log every N steps.
   s2.eval_every_epochs = 10  # Validation every N epochs (0: only at the end).
   s2.max_steps = -1  # Stop after this many steps (-1: epochs decide).
-  # Stage-1 checkpoints Stage 2 starts from (`{fold}` is replaced by the fold); "": this
-  # run's WORKDIR/fold<k>/stage1/checkpoints. Only the parameters are read.
+  # Stage-1 checkpoints Stage 2 starts from (`{fold}` is replaced by the fold), or a run's
+  # work directory (e.g. runs/demo: its fold<k>/stage1/checkpoints); "": this run's
+  # WORKDIR/fold<k>/stage1/checkpoints. Only the parameters are read.
   s2.init_from = ""
   s2.seed_offset = 2  # PRNG of this stage: fold_in(key(seed + seed_offset), fold).
   s2.shuffle_seed_offset = 1  # Added to the data shuffle seed of this stage.

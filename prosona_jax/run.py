@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from absl import logging
 from etils import epath
@@ -48,19 +48,56 @@ def folds(config: ml_collections.ConfigDict, workdir: str, *, source=None, mesh=
                     mesh=mesh)
 
 
+def preflight(config: ml_collections.ConfigDict, workdir: str,
+              stage_classes: Sequence[type[base.Method]]) -> None:
+  """Checks every external need of the run before its first step.
+
+  Each stage's `Method.preflight` checks its own needs (Stage 1: the file of
+  `model.pretrained_encoder`; Stage 2: a trained Stage 1 unless this run trains it, and
+  the text encoder, by embedding the prompt bank now). The data source has opened, and
+  `layout.check_writable` has passed, before this is called.
+
+  Raises:
+    UserError: with a message saying what is missing and how to provide it.
+  """
+  names = tuple(cls.name for cls in stage_classes)
+  for cls in stage_classes:
+    cls.preflight(config, workdir, run_stages=names)
+
+
+def header(config: ml_collections.ConfigDict, workdir: str, source, log_path: str,
+           what: str = "") -> str:
+  """The few lines a run starts with on stderr (the whole config is in `log_path`).
+
+  `what`: what runs (default: the config's method and stages).
+  """
+  devices = jax.devices()
+  kinds = sorted({d.platform for d in devices})
+  folds_run = ", ".join(str(k) for k in config_lib.folds_to_run(config.data))
+  what = what or f"method {config.method}, stages {', '.join(config.stages)}"
+  return (f"Run: {what}, "
+          f"fold{'s' if ',' in folds_run else ''} {folds_run}; workdir {workdir}; "
+          f"{len(devices)} {'/'.join(kinds)} device{'s' if len(devices) > 1 else ''}"
+          f"{f' on {jax.process_count()} processes' if jax.process_count() > 1 else ''}.\n"
+          f"Data: {source.describe()}\n"
+          + (f"Config and the full log: {log_path}" if "://" not in log_path
+             else f"Config: {layout.config_path(workdir)}"))
+
+
 def train_stage(method: base.Method, hooks: tuple = ()) -> trainer.TrainState:
   """Trains one stage on its fold (resuming from its checkpoints) and returns the state."""
   fold = method.fold
+  loop = method.loop_config()
+  logging.info("%s: %d train / %d val / %d test images, %d steps (%d per epoch); "
+               "initialising the model...", loop.name, len(fold.split.train),
+               len(fold.split.val), len(fold.split.test), method.total_steps,
+               method.steps_per_epoch)
   tx, lr_fn = method.make_optimizer()
   state = method.init_state(tx)
   step_fn = method.make_train_step(tx)
   ckpt = checkpointing.Checkpointer(os.path.join(method.stage_dir, "checkpoints"))
   writer = logger_lib.MetricWriter(os.path.join(method.stage_dir, "logs"))
   evaluator = evaluate.Evaluator(method, writer)
-  loop = method.loop_config()
-  logging.info("%s: %d train / %d val / %d test images, %d steps (%d per epoch).", loop.name,
-               len(fold.split.train), len(fold.split.val), len(fold.split.test),
-               method.total_steps, method.steps_per_epoch)
   state = trainer.fit(loop, state=state, train_step=step_fn, iterator=method.train_iterator(),
                       ckpt=ckpt, writer=writer, mesh=fold.mesh, lr_fn=lr_fn,
                       eval_fn=evaluator.validate, hooks=hooks)
@@ -75,6 +112,7 @@ def guard_workdir(fn):
   @functools.wraps(fn)
   def guarded(config, workdir: str, *args, **kwargs):
     config_lib.check(config)
+    layout.check_writable(workdir)  # Before the lock creates the directory.
     with workdir_lock.hold(workdir):
       return fn(config, workdir, *args, **kwargs)
   return guarded
@@ -146,18 +184,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   stage_classes = registry.stages(config)
   source = sources.source_from_config(config.data)
-  logging.info("Data: %s", source.describe())
+  layout.check_writable(workdir)
   for fold in folds(config, workdir, source=source):
     for cls in stage_classes:
       check_steps(fold, cls.section, layout.checkpoint_dir(workdir, fold.fold, cls.name))
-  # `export` and `predict` rebuild the model from it.
-  prepare_workdir(config, workdir, source)
-  for fold in folds(config, workdir, source=source):
-    for cls in stage_classes:
-      method = cls(fold)
-      state = train_stage(method, hooks)
-      evaluate.Evaluator(method).test(state)
-  summary = evaluate.write_summary(workdir, registry.stage_names(config))
+  log_path = layout.log_path(workdir)
+  with logger_lib.run_log(log_path, f"Config:\n{config}"):
+    logging.info("%s", header(config, workdir, source, log_path))
+    # Everything the run needs from outside is checked before its first step.
+    preflight(config, workdir, stage_classes)
+    # `export` and `predict` rebuild the model from it.
+    prepare_workdir(config, workdir, source)
+    for fold in folds(config, workdir, source=source):
+      for cls in stage_classes:
+        method = cls(fold)
+        state = train_stage(method, hooks)
+        evaluate.Evaluator(method).test(state)
+    summary = evaluate.write_summary(workdir, registry.stage_names(config))
   if jax.process_index() == 0:
     print(summary)
 

@@ -148,6 +148,9 @@ class LoopConfig:
   log_every: int
   checkpoint_every: int
   eval_every: int  # 0: validation only at the end.
+  # Metric -> the lowest value it can reach (Stage 2's contrastive terms: ln 5), shown
+  # beside it in progress lines and written once as `train/<metric>_floor`.
+  floors: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -155,6 +158,33 @@ def _fmt_time(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class ProgressClock:
+  """Steps per second and the ETA of progress lines, from step times after compilation.
+
+  The first step of a loop compiles the train step (tens of seconds on a CPU, longer
+  than many steps); counted in, it made the first ETA several times too long. `start`
+  is called once that step has finished, and rates count from there.
+  """
+
+  def __init__(self, total_steps: int):
+    self.total_steps = total_steps
+    self._step: int | None = None
+    self._time = 0.0
+
+  def start(self, step: int, now: float) -> None:
+    """Marks the end of the compiling step `step` (counted from 1) at time `now`."""
+    self._step, self._time = step, now
+
+  def tick(self, step: int, now: float) -> tuple[float | None, float | None]:
+    """(steps per second since the last tick or `start`, seconds left), or (None, None)
+    when no step has run since compilation (a log line right after the first step)."""
+    if self._step is None or step <= self._step:
+      return None, None
+    rate = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return rate, (self.total_steps - step) / max(rate, 1e-9)
 
 
 def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
@@ -218,7 +248,15 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
            f"({e.leaves[0]}), with every loss and gradient finite (a non-finite learning "
            "rate, or an update that overflowed)")
 
-  t_start, t_last, step_last = time.time(), time.time(), start
+  t_start = time.time()
+  clock = ProgressClock(loop.total_steps)
+  if loop.floors:
+    values = sorted(set(round(v, 3) for v in loop.floors.values()))
+    logging.info("%s: %s cannot go below %s (ln of the positives per prompt): a term at its "
+                 "floor has reached its optimum; it has not stalled (docs/method.md).",
+                 loop.name, " and ".join(loop.floors), " / ".join(f"{v:.3f}" for v in values))
+    if start == 0:
+      writer.scalars(0, {f"train/{k}_floor": v for k, v in loop.floors.items()})
   with _SigtermFlag() as sigterm:
     for step in range(start, loop.total_steps):
       if sigterm.should_stop(step):
@@ -228,22 +266,33 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
                         "command to resume.", loop.name, step)
         raise Preempted(step)
       batch = parallel.to_global(next(iterator), mesh)
-      state, metrics = train_step(state, batch)
+      if step == start:
+        # The first call compiles: say so, and time it apart from the steps' rate.
+        logging.info("%s: compiling the train step...", loop.name)
+        t_compile = time.time()
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(state)
+        clock.start(step + 1, time.time())
+        logging.info("%s: compiled in %.1f s (with the first step).", loop.name,
+                     time.time() - t_compile)
+      else:
+        state, metrics = train_step(state, batch)
       done = step + 1
       if done % loop.log_every == 0 or done == loop.total_steps:
         metrics = jax.device_get(metrics)
         check_finite(done)
-        now = time.time()
-        rate = (done - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, done
-        eta = (loop.total_steps - done) / max(rate, 1e-9)
+        rate, eta = clock.tick(done, time.time())
         row = {f"train/{k}": v for k, v in metrics.items()}
-        row["train/steps_per_sec"] = rate
+        if rate is not None:
+          row["train/steps_per_sec"] = rate
         if lr_fn is not None:
           row["train/lr"] = lr_fn(done)
         writer.scalars(done, row)
-        logging.info("%s step %d/%d  loss %.4f  %.2f steps/s  ETA %s", loop.name, done,
-                     loop.total_steps, float(metrics["loss"]), rate, _fmt_time(eta))
+        floors = "".join(f"  {k} {float(metrics[k]):.3f} (floor {v:.3f})"
+                         for k, v in loop.floors.items() if k in metrics)
+        speed = (f"  {rate:.2f} steps/s  ETA {_fmt_time(eta)}" if rate is not None else "")
+        logging.info("%s step %d/%d  loss %.4f%s%s", loop.name, done, loop.total_steps,
+                     float(metrics["loss"]), floors, speed)
       if done % loop.checkpoint_every == 0 and done < loop.total_steps:
         save(done)
       if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 \

@@ -74,7 +74,7 @@ def test_eval_json_summary_and_figures(bucket):
   layout.write_json(f"{bucket}/eval/stage1_fold0.json", result)
   assert json.loads(epath.Path(f"{bucket}/eval/stage1_fold0.json").read_text()) == result
   text = evaluate.write_summary(bucket)
-  assert "| stage1 | 0 | dpersona |" in text
+  assert "| stage1 | 0 (1 fold) | dpersona |" in text
   assert epath.Path(f"{bucket}/eval/summary.md").read_text() == text
   fig = plt.figure()
   figures.save(fig, f"{bucket}/eval/panel.png")
