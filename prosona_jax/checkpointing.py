@@ -364,6 +364,7 @@ def step_dirs(directory: str) -> list[tuple[int, epath.Path]]:
 
 def latest_step_dir(directory: str) -> tuple[int, str] | None:
   """(step, path of its `state` item) of the newest checkpoint in `directory`, or None."""
+  directory = directory if "://" in directory else os.path.abspath(directory)
   found = step_dirs(directory)
   if not found:
     return None
@@ -411,6 +412,8 @@ def load_params(directory: str, abstract: Any = None, *,
     FileNotFoundError: no checkpoint in `directory`.
     CheckpointError: none is intact.
   """
+  # Orbax wants absolute local paths (a relative --workdir is the common case).
+  directory = directory if "://" in directory else os.path.abspath(directory)
   found = dict(step_dirs(directory))
   if not found:
     raise FileNotFoundError(f"{directory}: no checkpoint found")
