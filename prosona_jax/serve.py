@@ -17,6 +17,7 @@ bash scripts/setup.sh --serve). Listens on 127.0.0.1 only unless --host says oth
 there is no authentication, so another --host warns.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -81,8 +82,10 @@ def main(argv):
   if _MODEL.value:
     model = model_loader.load_export(_MODEL.value)
   else:
+    # Absolute: Orbax refuses relative checkpoint paths.
     model, run_config = model_loader.load_workdir(
-        _WORKDIR.value, fold=_FOLD.value, stage2_dir=_STAGE2_DIR.value, cell=_CELL.value)
+        os.path.abspath(_WORKDIR.value), fold=_FOLD.value,
+        stage2_dir=_STAGE2_DIR.value and os.path.abspath(_STAGE2_DIR.value), cell=_CELL.value)
   service = webapp.Service(
       model, run_config=run_config, fold=_FOLD.value, text_encoder=_TEXT_ENCODER.value,
       batch_size=_BATCH_SIZE.value, seed=_SEED.value, threshold=_THRESHOLD.value,
