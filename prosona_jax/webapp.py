@@ -705,14 +705,17 @@ def create_app(service: Service, *, allowed_hosts: Sequence[str] | None = None):
     allowed_hosts: values of the Host header to answer (defends a localhost app against
       DNS rebinding); None: any.
   """
-  from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
-  from starlette.concurrency import run_in_threadpool  # pylint: disable=g-import-not-at-top
-  from starlette.exceptions import HTTPException  # pylint: disable=g-import-not-at-top
-  from starlette.middleware import Middleware  # pylint: disable=g-import-not-at-top
-  from starlette.middleware.trustedhost import TrustedHostMiddleware  # pylint: disable=g-import-not-at-top
-  from starlette.requests import Request  # pylint: disable=g-import-not-at-top
-  from starlette.responses import HTMLResponse, JSONResponse, Response  # pylint: disable=g-import-not-at-top
-  from starlette.routing import Route  # pylint: disable=g-import-not-at-top
+  # The extra is imported here only: the service above works without it.
+  # pylint: disable=g-import-not-at-top
+  from starlette.applications import Starlette
+  from starlette.concurrency import run_in_threadpool
+  from starlette.exceptions import HTTPException
+  from starlette.middleware import Middleware
+  from starlette.middleware.trustedhost import TrustedHostMiddleware
+  from starlette.requests import Request
+  from starlette.responses import HTMLResponse, JSONResponse, Response
+  from starlette.routing import Route
+  # pylint: enable=g-import-not-at-top
 
   limit = service.max_upload_bytes
   page = page_html()
