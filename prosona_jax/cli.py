@@ -1,7 +1,7 @@
 """The one way every command-line tool starts and fails.
 
 Each tool (`main`, `grid`, `predict`, `export`, `convert`, `score`, `inspect_data`,
-`table`) is a small module: absl flags at module level, a `main(argv)`, and
+`table`, `serve`) is a small module: absl flags at module level, a `main(argv)`, and
 
   if __name__ == "__main__":
     cli.run(main, name="predict")
