@@ -78,11 +78,10 @@ class ServeError(UserError, ValueError):
 
 def require_extra() -> None:
   """Raises a `UserError` (one line: how to install) when the `serve` extra is missing."""
-  try:
-    import starlette  # pylint: disable=g-import-not-at-top,unused-import
-    import uvicorn  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise UserError(f"{EXTRA_HINT} ({e})") from None
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  for name in ("starlette", "uvicorn"):
+    if importlib.util.find_spec(name) is None:
+      raise UserError(f"{EXTRA_HINT} (no module named {name!r})")
 
 
 def is_loopback(host: str) -> bool:

@@ -25,7 +25,6 @@ import pytest
 from PIL import Image
 
 from conftest import STYLE_CORE, STYLE_MARGIN, missing, serve_extra_missing
-from prosona_jax import inference
 from prosona_jax import model_loader
 from prosona_jax import predictor
 from prosona_jax import webapp
