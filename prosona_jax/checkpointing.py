@@ -16,7 +16,6 @@ line and the next older step is tried; the damaged newer steps are then renamed
 again. When no step is intact, `CheckpointError` names every step tried and why.
 """
 
-import contextlib
 import gc
 import json
 import os
@@ -163,27 +162,48 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-@contextlib.contextmanager
-def _quiet_abandoned_reads():
-  """Drops the tracebacks of Orbax's array reads abandoned after a first one failed.
+def _is_abandoned_read(unraisable) -> bool:
+  """Whether an unraisable exception is the echo of an Orbax read abandoned after a failure.
+
+  Two kinds: the read coroutines garbage-collected still raising, and TensorStore's
+  completion callbacks of those reads that arrive after Orbax closed the event loop they
+  were started on (`RuntimeError: Event loop is closed` in `call_soon_threadsafe`).
+  """
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  error, tb = unraisable.exc_value, unraisable.exc_traceback
+  if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+    return False
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+_FILTER_INSTALLED = False
+
+
+def _drop_abandoned_read_echoes() -> None:
+  """From now on, drops the tracebacks of Orbax reads abandoned after one failed.
 
   When one array of a damaged checkpoint cannot be read, the reads of the others are
-  garbage-collected still raising, and Python prints each ("Exception ignored in ...")
-  long after the one line that says which step was damaged and why.
+  abandoned still running; Python prints each as it ends ("Exception ignored in ..." or
+  "Event loop is closed"), seconds after, and long after the one line that says which step
+  was damaged and why. Installed by the first restore; every other exception still prints.
   """
+  global _FILTER_INSTALLED
+  if _FILTER_INSTALLED:
+    return
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is None or "orbax" not in code.co_filename:
+    if not _is_abandoned_read(unraisable):
       previous(unraisable)
 
   sys.unraisablehook = hook
-  try:
-    yield
-  finally:
-    gc.collect()
-    sys.unraisablehook = previous
+  _FILTER_INSTALLED = True
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -332,13 +352,14 @@ def _try_steps(steps: list[int], attempt: Callable[[int], Any], where: str, name
     CheckpointError: no step could be read; the message lists each and why.
   """
   tried = []
+  _drop_abandoned_read_echoes()
   for step in steps:
     try:
-      with _quiet_abandoned_reads():
-        result, reason = attempt(step), None
+      result, reason = attempt(step), None
     except Exception as e:  # pylint: disable=broad-except
       # Anything Orbax, TensorStore or Grain raise for damaged files, or a mismatch.
       result, reason = None, _one_line(e)
+      gc.collect()  # The abandoned read coroutines end here, not in the next step's log.
     if _all_processes_agree(reason is None):
       return step, result, tried
     reason = reason or "unreadable on another process"
