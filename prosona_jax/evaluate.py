@@ -72,7 +72,8 @@ class Evaluator:
   @property
   def validation_predict_fn(self) -> base.PredictFn:
     if self._validation_predict_fn is None:
-      self._validation_predict_fn = self.method.make_validation_predict_fn()
+      self._validation_predict_fn = (self.method.make_validation_predict_fn()
+                                     or self.predict_fn)
     return self._validation_predict_fn
 
   def predict(self, state, indices, rng: jax.Array, fn: base.PredictFn | None = None

@@ -206,9 +206,9 @@ class Method(abc.ABC):
     """For each of the N predictions, the rater it stands for (None: a sample of the
     whole distribution, scored against every rater)."""
 
-  def make_validation_predict_fn(self) -> PredictFn:
-    """The predictions of validation and model selection (default: the test's)."""
-    return self.make_predict_fn()
+  def make_validation_predict_fn(self) -> PredictFn | None:
+    """The predictions of validation and model selection; None: the test's (one compile)."""
+    return None
 
   def score(self, labels: np.ndarray, probs: np.ndarray) -> dict:
     """The result dict of the test fold (the scoring CLI's schema).
