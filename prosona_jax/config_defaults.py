@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "prosona"  # prosona | unet | cm_global | cm_pixel | pionono | dpersona | tab.
   c.stages = ()  # Which of the method's stages `main` runs, in order (empty: all).
   c.rater = 0  # unet: rater rank 0..R-1 its U-Net trains on; -1: one U-Net per rater, in turn.
+  c.allow_config_change = False  # Resume though fields outside config_lib.RESUMABLE_FIELDS changed.
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -101,8 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   s2.log_every = 50  # Log every N steps.
   s2.eval_every_epochs = 10  # Validation every N epochs (0: only at the end).
   s2.max_steps = -1  # Stop after this many steps (-1: epochs decide).
-  # Stage-1 checkpoints Stage 2 starts from (`{fold}` is replaced by the fold); "": this
-  # run's WORKDIR/fold<k>/stage1/checkpoints. Only the parameters are read.
+  # Stage-1 checkpoints Stage 2 starts from (`{fold}` is replaced by the fold), or a run's
+  # work directory (e.g. runs/demo: its fold<k>/stage1/checkpoints); "": this run's
+  # WORKDIR/fold<k>/stage1/checkpoints. Only the parameters are read.
   s2.init_from = ""
   s2.seed_offset = 2  # PRNG of this stage: fold_in(key(seed + seed_offset), fold).
   s2.shuffle_seed_offset = 1  # Added to the data shuffle seed of this stage.

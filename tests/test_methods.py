@@ -14,7 +14,6 @@ The subprocesses share the session's persistent compilation cache (conftest.py).
 
 import json
 import os
-import re
 import subprocess
 import sys
 

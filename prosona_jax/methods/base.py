@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -129,6 +129,31 @@ class Method(abc.ABC):
   # What `eval.select_on=auto` means for this stage, and the metric selection maximises.
   default_select_on: ClassVar[str] = "val"
   select_metric: ClassVar[str] = "dice_max_mean+dice_soft"
+
+  @classmethod
+  def preflight(cls, config: ml_collections.ConfigDict, workdir: str, *,
+                run_stages: Sequence[str] = (), dir_name: str | None = None) -> None:
+    """Checks what the stage needs from outside the config, before any fold trains.
+
+    `run.train_and_evaluate` and the grid call it for every stage of the run, after
+    the data source has opened and before the first step, so that a missing file or
+    model fails in seconds rather than after hours of an earlier stage. Work done here
+    that the stage would do anyway (Stage 2: embedding the prompt bank) is left where
+    the stage finds it.
+
+    Args:
+      config: the run's config.
+      workdir: the run's work directory.
+      run_stages: names of the stages this run trains (a stage may need the output of
+        an earlier one, which then need not exist yet).
+      dir_name: the stage's directory under `fold<k>/` (default `name`; the grid's
+        Stage 2 keeps its state under `grid`).
+
+    Raises:
+      UserError: something the user must provide is missing or unreadable; the
+        message says what and how to provide it.
+    """
+    del config, workdir, run_stages, dir_name
 
   def __init__(self, fold: Fold, *, stage_dir: str | None = None):
     self.fold = fold
