@@ -198,8 +198,9 @@ class Problems:
 
 
 def check_top(p: Problems) -> None:
-  if not isinstance(p.cfg.stages, (tuple, list)) or not p.cfg.stages:
-    p.add("stages", "a non-empty tuple of stage names")
+  if not isinstance(p.cfg.stages, (tuple, list)) or not all(
+      isinstance(s, str) and s for s in p.cfg.stages):
+    p.add("stages", "a tuple of stage names (empty: all of the method's stages)")
 
 
 def check_data(p: Problems) -> None:

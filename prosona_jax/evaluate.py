@@ -61,6 +61,7 @@ class Evaluator:
     self.method = method
     self.writer = writer
     self._predict_fn = None
+    self._validation_predict_fn = None
 
   @property
   def predict_fn(self) -> base.PredictFn:
@@ -68,17 +69,27 @@ class Evaluator:
       self._predict_fn = self.method.make_predict_fn()
     return self._predict_fn
 
-  def predict(self, state, indices, rng: jax.Array) -> tuple[np.ndarray, np.ndarray, list]:
-    fold = self.method.fold
-    return predict(lambda image, r: self.predict_fn(state, image, r), fold.source, indices,
+  @property
+  def validation_predict_fn(self) -> base.PredictFn:
+    if self._validation_predict_fn is None:
+      self._validation_predict_fn = (self.method.make_validation_predict_fn()
+                                     or self.predict_fn)
+    return self._validation_predict_fn
+
+  def predict(self, state, indices, rng: jax.Array, fn: base.PredictFn | None = None
+              ) -> tuple[np.ndarray, np.ndarray, list]:
+    fold, fn = self.method.fold, fn or self.predict_fn
+    return predict(lambda image, r: fn(state, image, r), fold.source, indices,
                    batch_size=fold.eval_batch_size, mesh=fold.mesh, rng=rng)
 
-  def validate(self, state, step: int) -> dict:
-    """The validation split's summary scalars (empty without a validation split)."""
+  def validate(self, state, step: int, split: str = "val") -> dict:
+    """A split's summary scalars (empty if it has no images); `split` is `val`, or
+    `test` when the model is selected on the test fold (`selection.py`)."""
     m = self.method
-    if len(m.fold.split.val) == 0:
+    indices = getattr(m.fold.split, split)
+    if len(indices) == 0:
       return {}
-    labels, preds, _ = self.predict(state, m.fold.split.val, m.eval_rng)
+    labels, preds, _ = self.predict(state, indices, m.eval_rng, self.validation_predict_fn)
     mean = m.score(labels, preds)["mean"]
     if m.log_val_images and self.writer is not None:
       n = min(m.config.eval.num_images_logged, len(labels))
@@ -95,7 +106,8 @@ class Evaluator:
     """The test result dict of predictions `probs` (JSON schema of `score`)."""
     m = self.method
     result = m.score(labels, probs)
-    result.update(stage=m.name, fold=m.fold.fold, **m.result_fields(), keys=keys)
+    result.update(stage=m.name, fold=m.fold.fold, method=m.method_name,
+                  **m.result_fields(), **m.selection, keys=keys)
     # How the folds grouped images into patients (`one_per_image` may leak a patient's
     # slices between train and test): recorded beside the scores it qualifies.
     result["patient_grouping"] = getattr(m.fold.source, "patient_grouping", None)

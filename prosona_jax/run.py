@@ -24,6 +24,7 @@ from prosona_jax import evaluate
 from prosona_jax import layout
 from prosona_jax import logger as logger_lib
 from prosona_jax import parallel
+from prosona_jax import selection
 from prosona_jax import trainer
 from prosona_jax import workdir_lock
 from prosona_jax.errors import ConfigError
@@ -31,7 +32,6 @@ from prosona_jax.data import sources
 from prosona_jax.data import splits
 from prosona_jax.methods import base
 from prosona_jax.methods import registry
-from prosona_jax.models import prob_unet
 
 
 def folds(config: ml_collections.ConfigDict, workdir: str, *, source=None, mesh=None
@@ -60,7 +60,7 @@ def preflight(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     UserError: with a message saying what is missing and how to provide it.
   """
-  names = tuple(cls.name for cls in stage_classes)
+  names = tuple(cls.stage_name(config) for cls in stage_classes)
   for cls in stage_classes:
     cls.preflight(config, workdir, run_stages=names)
 
@@ -74,7 +74,8 @@ def header(config: ml_collections.ConfigDict, workdir: str, source, log_path: st
   devices = jax.devices()
   kinds = sorted({d.platform for d in devices})
   folds_run = ", ".join(str(k) for k in config_lib.folds_to_run(config.data))
-  what = what or f"method {config.method}, stages {', '.join(config.stages)}"
+  what = what or (f"method {config.method}, stages "
+                   f"{', '.join(cls.stage_name(config) for cls in registry.stages(config))}")
   return (f"Run: {what}, "
           f"fold{'s' if ',' in folds_run else ''} {folds_run}; workdir {workdir}; "
           f"{len(devices)} {'/'.join(kinds)} device{'s' if len(devices) > 1 else ''}"
@@ -85,7 +86,8 @@ def header(config: ml_collections.ConfigDict, workdir: str, source, log_path: st
 
 
 def train_stage(method: base.Method, hooks: tuple = ()) -> trainer.TrainState:
-  """Trains one stage on its fold (resuming from its checkpoints) and returns the state."""
+  """Trains one stage on its fold (resuming from its checkpoints) and returns the state
+  to test: the final one, or the one model selection kept (`selection.py`)."""
   fold = method.fold
   loop = method.loop_config()
   logging.info("%s: %d train / %d val / %d test images, %d steps (%d per epoch); "
@@ -98,11 +100,15 @@ def train_stage(method: base.Method, hooks: tuple = ()) -> trainer.TrainState:
   ckpt = checkpointing.Checkpointer(os.path.join(method.stage_dir, "checkpoints"))
   writer = logger_lib.MetricWriter(os.path.join(method.stage_dir, "logs"))
   evaluator = evaluate.Evaluator(method, writer)
+  selector = selection.Selector(method, evaluator)
   state = trainer.fit(loop, state=state, train_step=step_fn, iterator=method.train_iterator(),
                       ckpt=ckpt, writer=writer, mesh=fold.mesh, lr_fn=lr_fn,
-                      eval_fn=evaluator.validate, hooks=hooks)
+                      eval_fn=selector.validate, hooks=hooks)
   ckpt.close()
   writer.close()
+  # The state to test: the final one, or the best kept by model selection.
+  state = selector.select(state)
+  selector.close()
   return state
 
 
@@ -206,16 +212,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def dry_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Builds the model from the config without data; prints and writes parameter counts."""
+  """Builds the model from the config without data; prints and writes parameter counts.
+
+  `model_summary.json`: the components, `total` and `trainable` (what the optimizers
+  update; BatchNorm statistics, frozen buffers and fixed priors are not parameters),
+  `method`, and per stage under `stages` for methods of several counted stages.
+  """
   config_lib.check(config)
   registry.stages(config)
-  shapes = jax.eval_shape(lambda r: prob_unet.init_from_config(config, r), jax.random.key(0))
-  counts = prob_unet.count_params(shapes["params"])
+  summary = registry.param_counts(config)
+  counts = {k: v for k, v in summary.items() if isinstance(v, int)}
   width = max(len(k) for k in counts)
-  lines = [f"{'component':<{width}}  {'parameters':>12}"]
+  lines = [f"method {config.method}", f"{'component':<{width}}  {'parameters':>12}"]
   lines += [f"{k:<{width}}  {v:>12,}" for k, v in counts.items()]
   print("\n".join(lines))
-  summary = {k: int(counts[k]) for k in ("backbone", "prior", "posterior", "fcomb", "total")}
-  summary.update({k: int(v) for k, v in counts.items() if k not in summary})
   layout.write_text(os.path.join(workdir, "model_summary.json"), json.dumps(summary, indent=2))
   return summary

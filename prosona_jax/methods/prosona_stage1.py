@@ -136,6 +136,17 @@ class Stage1(base.Method):
   name = "stage1"
   section = "stage1"
   log_val_images = True
+  # No selection unless asked (`eval.select_on`): earlier runs and the demo keep their
+  # numbers; with selection, the baselines' metric.
+  default_select_on = "last"
+
+  @classmethod
+  def param_counts(cls, config) -> dict[str, int]:
+    """backbone, prior, posterior, fcomb, total (+ encoder, decoder); all trained."""
+    shapes = jax.eval_shape(lambda r: prob_unet.init_from_config(config, r),
+                            jax.random.key(0))
+    counts = prob_unet.count_params(shapes["params"])
+    return {**counts, "trainable": counts["total"]}
 
   def __init__(self, fold: base.Fold, **kwargs):
     super().__init__(fold, **kwargs)

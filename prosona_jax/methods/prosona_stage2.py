@@ -36,6 +36,7 @@ from prosona_jax import losses
 from prosona_jax import metrics
 from prosona_jax import parallel
 from prosona_jax import prompt_bank as bank_lib
+from prosona_jax import selection
 from prosona_jax import trainer
 from prosona_jax.errors import ConfigError
 from prosona_jax.errors import UserError
@@ -229,8 +230,10 @@ def load_frozen(config, init_dir: str, mesh) -> dict:
   """The trained Stage-1 variables `{"params", "batch_stats"}`, replicated on the mesh.
 
   A params-only restore (`checkpointing.load_params`): Stage 1's optimizer state, step
-  and data iterator are not read.
+  and data iterator are not read. When Stage 1 kept a selected state (`selection`), that
+  state is the one read.
   """
+  init_dir = selection.selected_checkpoint_dir(init_dir)
   model = prob_unet.build_from_config(config)
   repl = parallel.replicated(mesh)
   abstract = jax.tree.map(
@@ -280,6 +283,17 @@ class Stage2(base.Method):
 
   name = "stage2"
   section = "stage2"
+  # No selection unless asked; with it, Dice Match over the rater prompts (as D-Persona
+  # selects its Stage 2).
+  default_select_on = "last"
+  select_metric = "dice_match"
+
+  @classmethod
+  def param_counts(cls, config) -> dict[str, int]:
+    """None counted: the projector's input width is the text encoder's, known only once
+    the encoder is loaded (a dry run loads nothing)."""
+    del config
+    return {}
 
   def __init__(self, fold: base.Fold, **kwargs):
     super().__init__(fold, **kwargs)
@@ -353,7 +367,8 @@ class Stage2(base.Method):
     params, opt_state, _, finite = trainer.guarded_update(params, opt_state, grads, loss, tx)
     return params, opt_state, finite, aux
 
-  def make_train_step(self, tx):
+  def step_fn(self, tx):
+    """The un-jitted `(state, batch, const) -> (state, metrics)` (benchmarks lower it)."""
     s2 = self.cfg
 
     def step(state: trainer.TrainState, batch, const: StepConstants):
@@ -361,7 +376,10 @@ class Stage2(base.Method):
       params, opt_state, finite, aux = self.cell_update(
           tx, state.params, state.opt_state, s2.alpha, s2.beta, shared, batch["masks"], const)
       return state.advanced(finite, params=params, opt_state=opt_state), aux
+    return step
 
+  def make_train_step(self, tx):
+    step = self.step_fn(tx)
     repl, data = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
     jitted = jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                      donate_argnums=(0,))
