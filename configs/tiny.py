@@ -36,6 +36,14 @@ def get_config(arg: str | None = None):
   c.stage2.log_every = 2
   c.stage2.eval_every_epochs = 1
   c.eval.num_samples = 4
+  for name in ("unet", "cm_global", "cm_pixel", "pionono", "dpersona", "tab"):
+    c[name].epochs = 2
+    c[name].checkpoint_every = 4
+    c[name].log_every = 2
+    c[name].eval_every_epochs = 1
+  c.pionono.test_samples = 4
+  c.dpersona.train_samples = 4
+  c.dpersona.test_samples = 4
   c.text.kind = "tiny_bert"
   c.text.model = ""
   if arg.stage1:

@@ -36,6 +36,8 @@ from prosona_jax import logger as logger_lib
 from prosona_jax import parallel
 from prosona_jax import run
 from prosona_jax import trainer
+from prosona_jax.data import sources
+from prosona_jax.errors import ConfigError
 from prosona_jax.errors import UserError
 from prosona_jax.methods import prosona_stage1
 from prosona_jax.methods import prosona_stage2
@@ -149,14 +151,67 @@ def test_cells(method: prosona_stage2.Stage2, params_per_cell) -> list[dict]:
       cached.keys) for p in params_per_cell]
 
 
-def run_program(config, workdir: str, hooks: tuple = ()) -> list[dict]:
-  """Trains and scores every cell of every requested fold in one program."""
+def preflight(config, workdir: str, *, train_stage1: bool = False) -> None:
+  """Checks, before any fold trains, what the grid needs: a writable work directory, a
+  trained Stage 1 for every fold (unless `train_stage1`), and the text encoder, by
+  embedding the prompt bank into every fold's `grid` directory.
+
+  Raises:
+    UserError: with what is missing and how to provide it.
+  """
+  if train_stage1 and config.stage2.init_from:
+    raise ConfigError(
+        "--train_stage1 trains Stage 1 in the grid's work directory, but "
+        f"--config.stage2.init_from={config.stage2.init_from} names another Stage 1: "
+        "give one or the other.")
+  layout.check_writable(workdir)
+  folds = config_lib.folds_to_run(config.data)
+  missing = [k for k in folds if checkpointing.latest_step_dir(
+      layout.stage2_init_dir(config, workdir, k)) is None]
+  if missing and train_stage1:
+    prosona_stage1.Stage1.preflight(config, workdir, run_stages=("stage1", "grid"))
+  else:
+    # Stage 1 is reused, never retrained behind the user's back (issue 14).
+    prosona_stage2.check_stage1(config, workdir, folds,
+                                f"pass --train_stage1 to train Stage 1 in {workdir} first")
+  prosona_stage2.prepare_banks(config, [layout.stage_dir(workdir, k, "grid") for k in folds])
+
+
+@run.guard_workdir
+def run_program(config, workdir: str, hooks: tuple = (), *,
+                train_stage1: bool = False) -> list[dict]:
+  """Trains and scores every cell of every requested fold in one program.
+
+  Each fold starts from a trained Stage 1: `stage2.init_from` (a run's work directory or
+  checkpoints), else this work directory's own; with none there, `train_stage1` trains
+  one here first, and without it the grid stops before any training.
+  """
   cells = config_lib.grid_cells(config)
+  source = sources.source_from_config(config.data)  # The data first, as `main` does.
+  layout.check_writable(workdir)
+  log_path = layout.log_path(workdir)
+  with logger_lib.run_log(log_path, f"Config:\n{config}"):
+    logging.info("%s", run.header(config, workdir, source, log_path,
+                                  f"the (alpha, beta) grid, {len(cells)} cells of Stage 2"))
+    preflight(config, workdir, train_stage1=train_stage1)
+    folds = list(run.folds(config, workdir, source=source))
+    for fold in folds:  # Settings that cannot train are refused before anything compiles.
+      if checkpointing.latest_step_dir(
+          layout.stage2_init_dir(config, workdir, fold.fold)) is None:
+        run.check_steps(fold, "stage1", layout.checkpoint_dir(workdir, fold.fold, "stage1"))
+      run.check_steps(fold, "stage2", os.path.join(
+          layout.stage_dir(workdir, fold.fold, "grid"), "checkpoints"))
+    run.prepare_workdir(config, workdir, source)
+    return _run_program(config, workdir, cells, folds, hooks)
+
+
+def _run_program(config, workdir: str, cells, folds, hooks: tuple) -> list[dict]:
   rows = []
-  for fold in run.folds(config, workdir):
+  for fold in folds:
     s1_dir = layout.stage2_init_dir(config, workdir, fold.fold)
     if checkpointing.latest_step_dir(s1_dir) is None:
-      logging.info("No Stage-1 checkpoint for fold %d: training Stage 1 first.", fold.fold)
+      logging.info("No Stage-1 checkpoint for fold %d: training Stage 1 first "
+                   "(--train_stage1).", fold.fold)
       stage1 = prosona_stage1.Stage1(fold)
       evaluate.Evaluator(stage1).test(run.train_stage(stage1, hooks))
     method = grid_stage(fold)
@@ -183,14 +238,19 @@ def run_program(config, workdir: str, hooks: tuple = ()) -> list[dict]:
 def commands(config_arg: str, workdir: str, config) -> list[str]:
   """One shell command per cell for a cluster; each resumes by itself if interrupted."""
   out = []
+  # The cells share one trained Stage 1: the one named by stage2.init_from, else WORKDIR's.
+  init_from = config.stage2.init_from
+  if not init_from:
+    init_from = os.path.join(os.path.abspath(workdir), "fold{fold}", "stage1", "checkpoints")
+  elif "://" not in init_from:
+    init_from = os.path.abspath(init_from)
   for alpha, beta in config_lib.grid_cells(config):
     out.append(" ".join([
         "python -m prosona_jax.main", f"--config={shlex.quote(config_arg)}",
         f"--workdir={shlex.quote(cell_dir(workdir, alpha, beta))}",
         f"--config.stage2.alpha={alpha:g}", f"--config.stage2.beta={beta:g}",
         "--config.stages=stage2",
-        "--config.stage2.init_from=" + shlex.quote(
-            os.path.join(os.path.abspath(workdir), "fold{fold}", "stage1", "checkpoints"))]))
+        "--config.stage2.init_from=" + shlex.quote(init_from)]))
   return out
 
 

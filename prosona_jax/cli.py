@@ -1,7 +1,7 @@
 """The one way every command-line tool starts and fails.
 
 Each tool (`main`, `grid`, `predict`, `export`, `convert`, `score`, `inspect_data`,
-`table`) is a small module: absl flags at module level, a `main(argv)`, and
+`table`, `serve`) is a small module: absl flags at module level, a `main(argv)`, and
 
   if __name__ == "__main__":
     cli.run(main, name="predict")
@@ -13,7 +13,10 @@ Each tool (`main`, `grid`, `predict`, `export`, `convert`, `score`, `inspect_dat
   a bad flag value, a missing data file or model folder: any `errors.UserError`) ends in
   one line on stderr, `<tool>: error: ...`, and exit status 2, before any work is done
   where it can be found that early;
-- anything else is a bug and keeps its traceback.
+- anything else is a bug and keeps its traceback;
+- the persistent JAX compilation cache is on (`compile_cache.py`) before the tool
+  compiles anything; `--compilation_cache=DIR` moves it, `--compilation_cache=` (or
+  `none`) turns it off.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from prosona_jax import config_lib
 from prosona_jax import logger
 from prosona_jax.errors import UserError
 
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Folder of the persistent JAX compilation cache, which saves recompiling in later runs "
+    "(default: $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/prosona_jax/jax or "
+    "~/.cache/prosona_jax/jax); empty or 'none' turns it off.")
 _DEFERRED: list[str] = []  # Config-flag errors found while the flags were defined.
 _CONFIG_ERRORS = (UserError, AttributeError, KeyError, ValueError, TypeError, OSError,
                   SyntaxError, ImportError)
@@ -132,11 +140,22 @@ def _main(main: Callable[[list[str]], Any], name: str, positional: int, progress
   if len(argv) - 1 > positional:
     fail(name, f"unexpected arguments: {' '.join(argv[1 + positional:])} (see --help)")
   logger.set_verbosity(progress=progress)
+  _start_compilation_cache(name)
   try:
     return main(argv)
   except (UserError, app.UsageError) as e:
     fail(name, str(e))
   return None
+
+
+def _start_compilation_cache(name: str) -> None:
+  """Turns on the persistent compilation cache (`--compilation_cache`), before any compile."""
+  from prosona_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  try:
+    compile_cache.enable(compile_cache.resolve(_COMPILATION_CACHE.value))
+  except OSError as e:  # A read-only home must not stop the tool: it only runs slower.
+    print(f"{name}: warning: compilation cache off ({e})", file=sys.stderr)
+    compile_cache.enable(None)
 
 
 def run(main: Callable[[list[str]], Any], *, name: str, positional: int = 0,
@@ -150,6 +169,8 @@ def run(main: Callable[[list[str]], Any], *, name: str, positional: int = 0,
     progress: keep this package's INFO lines (training progress); otherwise only
       warnings and errors are logged.
   """
+  # Listed in the tool's own --help, not only in --helpfull.
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["compilation_cache"])
   renamed = config_lib.renamed_overrides(sys.argv[1:])
   for message in renamed + _DEFERRED:
     fail(name, message)

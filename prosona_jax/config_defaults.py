@@ -12,8 +12,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Returns the ProSona defaults (the paper's choices; D-Persona's behind switches)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Base PRNG seed for initialisation and sampling.
-  c.method = "prosona"  # What `main` trains: see `prosona_jax.methods.METHODS`.
-  c.stages = ("stage1", "stage2")  # Which of the method's stages `main` runs, in order.
+  c.method = "prosona"  # prosona | unet | cm_global | cm_pixel | pionono | dpersona | tab.
+  c.stages = ()  # Which of the method's stages `main` runs, in order (empty: all).
+  c.rater = 0  # unet: rater rank 0..R-1 its U-Net trains on; -1: one U-Net per rater, in turn.
+  c.allow_config_change = False  # Resume though fields outside config_lib.RESUMABLE_FIELDS changed.
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -100,8 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   s2.log_every = 50  # Log every N steps.
   s2.eval_every_epochs = 10  # Validation every N epochs (0: only at the end).
   s2.max_steps = -1  # Stop after this many steps (-1: epochs decide).
-  # Stage-1 checkpoints Stage 2 starts from (`{fold}` is replaced by the fold); "": this
-  # run's WORKDIR/fold<k>/stage1/checkpoints. Only the parameters are read.
+  # Stage-1 checkpoints Stage 2 starts from (`{fold}` is replaced by the fold), or a run's
+  # work directory (e.g. runs/demo: its fold<k>/stage1/checkpoints); "": this run's
+  # WORKDIR/fold<k>/stage1/checkpoints. Only the parameters are read.
   s2.init_from = ""
   s2.seed_offset = 2  # PRNG of this stage: fold_in(key(seed + seed_offset), fold).
   s2.shuffle_seed_offset = 1  # Added to the data shuffle seed of this stage.
@@ -124,4 +127,89 @@ def base_config() -> ml_collections.ConfigDict:
   e.num_samples = 10  # Prior samples per test image in Stage-1 scoring.
   e.convention = "dpersona"  # dpersona | standard (see docs/metrics.md).
   e.num_images_logged = 4  # Images written to TensorBoard and figures.
+  # Tested state: val (best on the validation split) | test (best on the test fold, as
+  # the published baselines) | last | auto (prosona's stages: last; the baselines: val).
+  e.select_on = "auto"
+
+  _baselines(c)
   return c
+
+
+def _protocol(section: ml_collections.ConfigDict, *, lr: float, epochs: int = 100,
+              schedule: str = "cosine", eval_every_epochs: int = 1, seed_offset: int = 0,
+              shuffle_seed_offset: int = 0) -> None:
+  """The fields every baseline section shares with stage1/stage2 (D-Persona's protocol:
+  Adam, cosine per epoch, 100 epochs, validation and selection every epoch)."""
+  section.epochs = epochs  # Training epochs.
+  section.lr = lr  # Adam learning rate (of the backbone group where there are several).
+  section.schedule = schedule  # constant | cosine (per epoch, every group; D-Persona's).
+  section.checkpoint_every = 500  # Save every N steps (and at the end).
+  section.log_every = 50  # Log every N steps.
+  section.eval_every_epochs = eval_every_epochs  # Validation + selection every N epochs (0: end).
+  section.max_steps = -1  # Stop after this many steps (-1: epochs decide).
+  section.seed_offset = seed_offset  # PRNG: fold_in(key(seed + seed_offset), fold).
+  section.shuffle_seed_offset = shuffle_seed_offset  # Added to the data shuffle seed.
+
+
+def _baselines(c: ml_collections.ConfigDict) -> None:
+  """The Table-1 baselines' sections (BASELINES.md). Their values are the `DEFAULTS` of
+  the `models/` modules (tests/test_methods.py holds them equal); the backbone is
+  `config.model`'s."""
+  u = c.unet = ml_collections.ConfigDict()
+  _protocol(u, lr=1e-4)
+  u.score_against = "all"  # all: its one prediction vs every rater (presumed) | own: vs its rater.
+  u.dice_epsilon = 1e-6  # Clamp of the generalised Dice loss.
+
+  for level in ("global", "pixel"):
+    cm = c[f"cm_{level}"] = ml_collections.ConfigDict()
+    _protocol(cm, lr=1e-4)
+    cm.num_classes = 1  # 1: as D-Persona runs it (a no-op) | 2: the softmax variant (*_2class).
+    cm.alpha = 1.0  # Weight of the trace term.
+    cm.min_trace = False  # False: trace subtracted (as run) | True: added (Tanno et al.).
+    cm.rater_draw = "image"  # image: a random rater per image (as run) | batch: one per batch.
+    cm.cm_lr = 1e-2  # Adam learning rate of the confusion-matrix parameters.
+    cm.dice_epsilon = 1e-6  # Clamp of the generalised Dice loss.
+
+  p = c.pionono = ml_collections.ConfigDict()
+  _protocol(p, lr=1e-4)
+  p.latent_dim = 8  # Dimension of each rater's latent Gaussian.
+  p.prior_sigma = 2.0  # Fixed prior N(0, prior_sigma^2 I); also L's initial diagonal.
+  p.posterior_init_sigma = 8.0  # The rater means start at N(0, posterior_init_sigma^2).
+  p.train_samples = 5  # Samples per image in the loss (logits averaged).
+  p.test_samples = 20  # Samples per rater at prediction time (logits averaged).
+  p.kl_weight = 5e-4  # Weight of mean_b KL(q_r(b) || p).
+  p.reg_weight = 1e-5  # Weight of the head's weight-norm regulariser.
+  p.rater_draw = "image"  # image: a random rater per image (as run) | batch: one per batch.
+  p.latent_lr = 0.02  # Adam learning rate of the latent parameters (mu, L).
+  p.dice_epsilon = 1e-6  # Clamp of the generalised Dice loss.
+
+  # D-Persona's Stage 2 (method `dpersona` = stage1, then this); same seeds as stage2.
+  dp = c.dpersona = ml_collections.ConfigDict()
+  _protocol(dp, lr=1e-4, seed_offset=2, shuffle_seed_offset=1)
+  dp.filters = (32, 16)  # Widths of the heads' first levels; the last is model.latent_dim.
+  dp.padding = 3  # Padding of every head conv (the reference's, not SAME).
+  dp.dropout = 0.1  # Dropout2d rate, in training only.
+  dp.train_samples = 100  # Prior bank per forward in training and validation.
+  dp.test_samples = 500  # Prior bank at test.
+  dp.bn_drift = False  # Stage-1 BatchNorm in training mode, stats updated (the reference's).
+  dp.dice_epsilon = 1e-6  # Clamp of the generalised Dice loss.
+  # Stage-1 checkpoints the heads sit on (`{fold}` is replaced); "": this run's Stage 1.
+  dp.init_from = ""
+
+  t = c.tab = ml_collections.ConfigDict()
+  # TAB's own optimiser by default (LIDC protocol: --config.tab.lr=1e-4 and schedule=cosine).
+  _protocol(t, lr=5e-5, schedule="poly")
+  t.power = 0.9  # Exponent of the poly schedule lr (1 - epoch / epochs)^power.
+  t.weight_decay = 0.0  # PyTorch-Adam L2 (added to the gradient); TAB's run.sh sets 0.
+  t.lam = 1.0  # Weight of the rater-query BCE (TAB's README 1.0; its argparse 1.25).
+  t.rank = 7  # Rank of the low-rank covariance factor.
+  t.hidden_dim = 256  # d of the transformer.
+  t.num_heads = 8  # Attention heads (transformer and attention map).
+  t.dim_feedforward = 512  # Width of the transformer's FFN.
+  t.dropout = 0.1  # Transformer dropout.
+  t.enc_layers = 1  # Transformer encoder layers.
+  t.dec_layers = 1  # Transformer decoder layers.
+  t.mask_dim = 32  # Channels of the mask head's full-resolution output.
+  t.num_queries = 0  # Q = 1 consensus + R rater queries; 0 means 1 + R.
+  t.repeat_grey = True  # Repeat a 1-channel image to 3 channels (the RGB stem).
+  t.freeze_stem_layer1 = True  # Stem conv and layer1 frozen (outside the optimizer).

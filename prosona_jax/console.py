@@ -48,3 +48,8 @@ def score() -> None:
 def inspect_data() -> None:
   """`prosona-inspect`: `python -m prosona_jax.inspect_data` (a dataset's card)."""
   _run("prosona_jax.inspect_data")
+
+
+def serve() -> None:
+  """`prosona-serve`: `python -m prosona_jax.serve` (the local review page and JSON API)."""
+  _run("prosona_jax.serve")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def l2_normalize(x: jax.Array, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -103,3 +104,24 @@ def sim_loss(scores: jax.Array, positive: jax.Array, *, tau: float,
   if scores.ndim != 3:
     raise ValueError(f"sim_loss: scores must be (P, K) or (B, P, K), got {scores.shape}.")
   return _pairwise_loss(scores, positive, tau, include_diagonal)
+
+
+def loss_floor(positive_PP, *, include_diagonal: bool = True) -> float:
+  """The lowest value `text_loss` and `sim_loss` can reach: mean over rows of ln(positives).
+
+  Row i's target spreads its mass evenly over its n_i positives, so its cross-entropy is
+  at least the target's entropy, ln(n_i), reached when the softmax puts 1/n_i on each
+  positive and nothing elsewhere (the negatives' exp(-2 / tau) is negligible at tau =
+  0.07). With 5 phrasings per rater and the diagonal kept, that is ln 5 = 1.609: a loss
+  sitting there has reached its optimum, it has not stalled.
+
+  Args:
+    positive_PP: (P, P) same-rater mask (`PromptBank.positive_mask`), numpy or jax.
+    include_diagonal: as in `supcon_ce` (without it, self-pairs are not positives).
+  """
+  pos = np.asarray(positive_PP, np.float64)
+  if not include_diagonal:
+    pos = pos * (1.0 - np.eye(pos.shape[0]))
+  n = pos.sum(-1)
+  n = n[n > 0]
+  return float(np.log(n).mean()) if n.size else 0.0

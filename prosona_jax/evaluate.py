@@ -61,6 +61,7 @@ class Evaluator:
     self.method = method
     self.writer = writer
     self._predict_fn = None
+    self._validation_predict_fn = None
 
   @property
   def predict_fn(self) -> base.PredictFn:
@@ -68,17 +69,27 @@ class Evaluator:
       self._predict_fn = self.method.make_predict_fn()
     return self._predict_fn
 
-  def predict(self, state, indices, rng: jax.Array) -> tuple[np.ndarray, np.ndarray, list]:
-    fold = self.method.fold
-    return predict(lambda image, r: self.predict_fn(state, image, r), fold.source, indices,
+  @property
+  def validation_predict_fn(self) -> base.PredictFn:
+    if self._validation_predict_fn is None:
+      self._validation_predict_fn = (self.method.make_validation_predict_fn()
+                                     or self.predict_fn)
+    return self._validation_predict_fn
+
+  def predict(self, state, indices, rng: jax.Array, fn: base.PredictFn | None = None
+              ) -> tuple[np.ndarray, np.ndarray, list]:
+    fold, fn = self.method.fold, fn or self.predict_fn
+    return predict(lambda image, r: fn(state, image, r), fold.source, indices,
                    batch_size=fold.eval_batch_size, mesh=fold.mesh, rng=rng)
 
-  def validate(self, state, step: int) -> dict:
-    """The validation split's summary scalars (empty without a validation split)."""
+  def validate(self, state, step: int, split: str = "val") -> dict:
+    """A split's summary scalars (empty if it has no images); `split` is `val`, or
+    `test` when the model is selected on the test fold (`selection.py`)."""
     m = self.method
-    if len(m.fold.split.val) == 0:
+    indices = getattr(m.fold.split, split)
+    if len(indices) == 0:
       return {}
-    labels, preds, _ = self.predict(state, m.fold.split.val, m.eval_rng)
+    labels, preds, _ = self.predict(state, indices, m.eval_rng, self.validation_predict_fn)
     mean = m.score(labels, preds)["mean"]
     if m.log_val_images and self.writer is not None:
       n = min(m.config.eval.num_images_logged, len(labels))
@@ -95,12 +106,20 @@ class Evaluator:
     """The test result dict of predictions `probs` (JSON schema of `score`)."""
     m = self.method
     result = m.score(labels, probs)
-    result.update(stage=m.name, fold=m.fold.fold, **m.result_fields(), keys=keys)
+    result.update(stage=m.name, fold=m.fold.fold, method=m.method_name,
+                  **m.result_fields(), **m.selection, keys=keys)
+    # How the folds grouped images into patients (`one_per_image` may leak a patient's
+    # slices between train and test): recorded beside the scores it qualifies.
+    result["patient_grouping"] = getattr(m.fold.source, "patient_grouping", None)
+    # Empty masks predicted empty score Dice 1: `write_summary` notes when they dominate.
+    result["empty_masks"] = metrics.empty_counts(labels, probs, m.prediction_raters)
     return result
 
   def test(self, state, *, write: bool = True) -> base.TestOutput:
     """Scores the test fold; writes `eval/<stage>_fold<k>.json` and the figures."""
     m = self.method
+    logging.info("%s/fold%d: scoring the test fold (%d images)...", m.name, m.fold.fold,
+                 len(m.fold.split.test))
     labels, probs, keys = self.predict(state, m.fold.split.test, self.test_rng)
     out = base.TestOutput(self.result(labels, probs, keys), labels, probs, keys)
     if write:
@@ -115,10 +134,34 @@ class Evaluator:
     return out
 
 
+# Above this fraction of rater masks empty and predicted empty, summary.md says so.
+EMPTY_NOTE_FRACTION = 0.25
+
+
+def _cell(values: np.ndarray, digits: int) -> str:
+  """Mean ± std (ddof 0) over folds; one fold's value alone (a std of 0 would mislead)."""
+  if len(values) == 1:
+    return f"{values[0]:.{digits}f}"
+  return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def empty_note(stage: str, results: list[dict]) -> str | None:
+  """The summary's note when most rater masks are empty and predicted empty, else None."""
+  counts = [r["empty_masks"] for r in results if "empty_masks" in r]
+  total = sum(c["rater_masks"] for c in counts)
+  both = sum(c["empty_on_empty"] for c in counts)
+  if not total or both / total <= EMPTY_NOTE_FRACTION:
+    return None
+  return (f"{stage}: {both} of {total} rater masks ({100 * both / total:.0f}%) are empty and "
+          f"were predicted empty: they score Dice 1 under the {results[0]['convention']} "
+          "convention, so the Dice columns say little about the model here "
+          "(docs/metrics.md).")
+
+
 def write_summary(workdir: str, stages: tuple[str, ...] = ("stage1", "stage2")) -> str:
   """Tabulates every `eval/<stage>_fold*.json` of the work directory (mean, std over folds)."""
   eval_dir = epath.Path(layout.eval_dir(workdir))
-  rows = []
+  rows, notes = [], []
   for stage in stages:
     results = []
     for path in sorted(eval_dir.iterdir()) if eval_dir.is_dir() else []:
@@ -130,15 +173,20 @@ def write_summary(workdir: str, stages: tuple[str, ...] = ("stage1", "stage2")) 
     cells = []
     for k in metrics.SUMMARY_KEYS:
       vals = np.asarray([r["mean"][k] for r in results], np.float64)
-      scale = 1.0 if k == "ged" else 100.0
-      cells.append(f"{scale * vals.mean():.3f} ± {scale * vals.std():.3f}" if k == "ged"
-                   else f"{scale * vals.mean():.2f} ± {scale * vals.std():.2f}")
+      cells.append(_cell(vals, 3) if k == "ged" else _cell(100.0 * vals, 2))
     folds = ",".join(str(r["fold"]) for r in results)
+    if len(results) == 1:
+      folds += " (1 fold)"
     rows.append(f"| {stage} | {folds} | {conv} | " + " | ".join(cells) + " |")
+    note = empty_note(stage, results)
+    if note:
+      notes.append(note)
   header = ("| stage | folds | convention | GED | Dice Soft | Dice Max | Dice Max (rev) | "
             "Dice Match |\n|---|---|---|---|---|---|---|---|")
-  text = ("# Results\n\nMean ± std (ddof 0) over the folds run; Dice in %.\n\n" + header + "\n"
-          + "\n".join(rows) + "\n")
+  text = ("# Results\n\nMean ± std (ddof 0) over the folds run (one fold: its value alone); "
+          "Dice in %.\n\n" + header + "\n" + "\n".join(rows) + "\n")
+  if notes:
+    text += "\n" + "\n".join(f"Note: {n}" for n in notes) + "\n"
   if rows:
     layout.write_text(os.fspath(eval_dir / "summary.md"), text)
   return text

@@ -12,9 +12,11 @@ Inputs (by extension, else by content):
 Intensities are normalised like the training data: `robust` (0.5..99.5 percentiles to
 [0, 1], per volume, `data/folder.py`'s own function), `minmax`, `none`, or `unit` (LIDC
 and synthetic sets are in [0, 1]: uint8 is divided by 255, values in [0, 1] are kept and
-anything else falls back to `robust`). Slices are brought to the model's size by
-`crop_or_pad` or `resample` (`data/folder.py`'s function), and outputs are brought back to
-the input's geometry by the exact inverse.
+anything else falls back to `robust`). Slices larger than the model go through it in
+overlapping tiles (`tiling.py`, chosen in `predictor`), or are brought to the model's size
+by `resample` or `crop_or_pad` (`data/folder.py`'s function), and outputs are brought back
+to the input's geometry by the exact inverse. `write_overlay` draws the masks on the image
+(Pillow only, so that `predict` does not import matplotlib).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from prosona_jax.data import folder as folder_lib
 from prosona_jax.inference import InferenceError
 
 NORMALIZE = ("auto", "robust", "minmax", "unit", "none")
-RESIZE = ("auto", "crop_or_pad", "resample")
+# How slices reach the model's size (`predictor`): `sliding_window` tiles the whole slice
+# (`tiling.py`); `resample` and `crop_or_pad` are `to_model`'s.
+RESIZE = ("auto", "sliding_window", "resample", "crop_or_pad")
 
 
 @dataclasses.dataclass
@@ -275,4 +279,54 @@ def write_mask(vol: Volume, mask: np.ndarray, out_dir: str, label: str) -> str:
     return path
   path = base + ".npy"  # npy inputs, and multi-frame DICOM stacks.
   np.save(path, mask)
+  return path
+
+
+def write_overlay(image_hwC: np.ndarray, probs_Phw: np.ndarray, titles: list[str], path: str,
+                  threshold: float, subtitle: str | None = None, panel: int = 192) -> str:
+  """A PNG row: the image, then each mask (probability > threshold) in red on it.
+
+  Args:
+    image_hwC: the (normalised) slice.
+    probs_Phw: one probability map per panel.
+    titles: one title per map (a prompt or sample name); the pixel count is added.
+    path: the PNG to write.
+    threshold: mask threshold.
+    subtitle: a title for the image panel (which image, which slice of a volume).
+    panel: the longer side of each panel in pixels.
+  """
+  import textwrap  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  img = np.asarray(image_hwC, np.float32)
+  img = img.mean(-1) if img.ndim == 3 else img
+  lo, hi = float(img.min()), float(img.max())
+  grey = np.uint8(np.round(255 * (img - lo) / (hi - lo))) if hi > lo else np.zeros(img.shape,
+                                                                                    np.uint8)
+  h, w = img.shape
+  scale = panel / max(h, w)
+  size = (max(1, round(w * scale)), max(1, round(h * scale)))
+  base = np.asarray(Image.fromarray(grey).resize(size, Image.BILINEAR).convert("RGB"),
+                    np.float32)
+  font = ImageFont.load_default()
+  line, gap = 12, 6
+  head = 4 * line + gap
+  cols = 1 + len(probs_Phw)
+  out = Image.new("RGB", (gap + cols * (size[0] + gap), head + size[1] + gap), "white")
+  draw = ImageDraw.Draw(out)
+  red = np.array([255.0, 51.0, 51.0], np.float32)
+  for j in range(cols):
+    x0 = gap + j * (size[0] + gap)
+    rgb = base
+    if j:
+      m = np.asarray(probs_Phw[j - 1]) > threshold
+      shown = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.NEAREST)
+                         ) > 127
+      rgb = np.where(shown[..., None], 0.55 * base + 0.45 * red, base)
+      text = textwrap.fill(titles[j - 1], 26, max_lines=3, placeholder="...")
+      text += f"\n{int(m.sum())} px"
+    else:
+      text = textwrap.fill(subtitle or "", 26, max_lines=4, placeholder="...")
+    out.paste(Image.fromarray(np.uint8(np.clip(np.round(rgb), 0, 255))), (x0, head))
+    draw.multiline_text((x0, 2), text, fill="black", font=font, spacing=1)
+  out.save(path)
   return path

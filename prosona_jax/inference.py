@@ -3,13 +3,25 @@
 Every function here takes the model's tensors as one flat dict `{name: array}`, the names
 being `/`-joined paths: `params/...` and `batch_stats/...` (Stage 1), `projector/params/...`
 (Stage 2). That dict is exactly what `params.safetensors` of an export holds, so the
-serialized functions take the file's contents as they are. The three functions:
+serialized functions take the file's contents as they are.
 
-- `prompt_probs(weights, images, embeddings, keys)`: (b, H, W, C), (p, E), (b, 2) uint32
-  -> (b, p, H, W) mask probabilities. Image i draws its K prior samples from key i
-  (raw threefry key data), so a result does not depend on what else is in the batch.
+The split functions: what depends on the image runs once, what depends on a prompt or a
+latent runs per prompt or latent, on the features already computed:
+
+- `encode(weights, images, keys)`: (b, H, W, C), (b, 2) uint32 -> (features (b, H, W, F),
+  mu (b, D), log_sigma (b, D), z (b, K, D)): the backbone, the prior and its K =
+  `stage2.eval_num_samples` samples; image i draws them from key i (raw threefry key
+  data), so a result does not depend on what else is in the batch.
+- `decode_prompts(weights, features, z, embeddings)`: z (b, k, D) prior samples,
+  embeddings (p, E) -> (b, p, H, W) mask probabilities (projector, similarity-weighted
+  prompt latent, Fcomb). Stage-2 models only.
+- `decode_latents(weights, features, z)`: z (b, n, D) -> (b, n, H, W) mask logits (Fcomb).
+
+And their compositions, kept for exports of format version 1 and their users:
+
+- `prompt_probs(weights, images, embeddings, keys)` = `decode_prompts` after `encode`.
 - `prior(weights, images)` -> (mu, log_sigma), each (b, D).
-- `decode(weights, images, z)`: z (b, n, D) -> (b, n, H, W) mask logits.
+- `decode(weights, images, z)` = `decode_latents` on the image's features.
 """
 
 from __future__ import annotations
@@ -98,6 +110,30 @@ def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
   num_samples = int(config.stage2.eval_num_samples)
   scale_scores = bool(config.stage2.scale_scores)
 
+  def encode(weights, images, keys_B2):
+    frozen, _ = split_weights(weights)
+    feats = model.apply(frozen, images, False, method="features")
+    mu, log_sigma = model.apply(frozen, images, method="prior_dist")
+    return feats, mu, log_sigma, prior_samples(mu, log_sigma, keys_B2, num_samples)
+
+  def decode_prompts(weights, feats, z_BKD, emb_PE):
+    frozen, proj = split_weights(weights)
+    if proj is None:
+      raise InferenceError("decode_prompts needs the Stage-2 projector's weights "
+                           "(projector/...), which this model does not have.")
+    logits, _, _ = prompt_lib.prompt_logits(model, frozen, projector, proj,
+                                            prompt_lib.Shared(feats, z_BKD), emb_PE,
+                                            scale_scores=scale_scores)
+    return jax.nn.sigmoid(logits)
+
+  def decode_latents(weights, feats, z_BND):
+    frozen, _ = split_weights(weights)
+    return prompt_lib.decode_prompts(model, frozen, feats, z_BND)
+
+  def prompt_probs(weights, images, emb_PE, keys_B2):
+    feats, _, _, z_BKD = encode(weights, images, keys_B2)
+    return decode_prompts(weights, feats, z_BKD, emb_PE)
+
   def prior(weights, images):
     frozen, _ = split_weights(weights)
     return model.apply(frozen, images, method="prior_dist")
@@ -105,30 +141,41 @@ def make_functions(config: ml_collections.ConfigDict) -> dict[str, Callable]:
   def decode(weights, images, z_BND):
     frozen, _ = split_weights(weights)
     feats = model.apply(frozen, images, False, method="features")
-    return prompt_lib.decode_prompts(model, frozen, feats, z_BND)
+    return decode_latents(weights, feats, z_BND)
 
-  def prompt_probs(weights, images, emb_PE, keys_B2):
-    frozen, proj = split_weights(weights)
-    if proj is None:
-      raise InferenceError("prompt_probs needs the Stage-2 projector's weights "
-                           "(projector/...), which this model does not have.")
-    feats = model.apply(frozen, images, False, method="features")
-    mu, log_sigma = model.apply(frozen, images, method="prior_dist")
-    z_BKD = prior_samples(mu, log_sigma, keys_B2, num_samples)
-    logits, _, _ = prompt_lib.prompt_logits(model, frozen, projector, proj,
-                                            prompt_lib.Shared(feats, z_BKD), emb_PE,
-                                            scale_scores=scale_scores)
-    return jax.nn.sigmoid(logits)
+  return {"encode": encode, "decode_prompts": decode_prompts,
+          "decode_latents": decode_latents, "prompt_probs": prompt_probs, "prior": prior,
+          "decode": decode}
 
-  return {"prompt_probs": prompt_probs, "prior": prior, "decode": decode}
+
+# Functions that need the Stage-2 projector (absent from a Stage-1 model).
+PROJECTOR_FUNCTIONS = ("decode_prompts", "prompt_probs")
+
+
+@jax.jit
+def _fold_in_grid(keys_N2: jax.Array, indices_T: jax.Array) -> jax.Array:
+  """(N, T, 2): `fold_in(key n, index t)`; one compiled program, not one per eager op."""
+  def one(key_2, i):
+    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key_2), i))
+  return jax.vmap(lambda k: jax.vmap(lambda i: one(k, i))(indices_T))(keys_N2)
 
 
 def image_keys(seed: int, indices: np.ndarray) -> np.ndarray:
   """(n, 2) uint32 raw threefry keys: `fold_in(key(seed), index)` for each index."""
-  base = jax.random.key(int(seed))
-  keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(
-      jnp.asarray(indices, jnp.uint32))
-  return np.asarray(keys, np.uint32)
+  base = jax.random.key_data(jax.random.key(int(seed)))
+  return np.asarray(_fold_in_grid(base[None], jnp.asarray(indices, jnp.uint32))[0], np.uint32)
+
+
+def tile_keys(image_keys_N2: np.ndarray, num_tiles: int) -> np.ndarray:
+  """(N, T, 2) keys of the T tiles of each image: `fold_in(image key, t)`.
+
+  A single tile draws from the image's own key, so an image of the model's size gets
+  exactly the samples that `prompt_probs` draws for it.
+  """
+  keys = np.asarray(image_keys_N2, np.uint32)
+  if num_tiles == 1:
+    return keys[:, None]
+  return np.asarray(_fold_in_grid(keys, jnp.arange(num_tiles, dtype=jnp.uint32)), np.uint32)
 
 
 # ---------------------------------------------------------------- runs on disk
@@ -151,6 +198,8 @@ def load_config(workdir: str, override: ml_collections.ConfigDict | None = None
       loaded = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise InferenceError(f"{path}: not readable JSON ({e})") from e
+  if isinstance(loaded, dict):
+    loaded.pop("data_info", None)  # What the run recorded about its data, not a setting.
   # Fields added since the run was made take their defaults.
   from prosona_jax import config_defaults  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(
@@ -214,7 +263,6 @@ def load_run(workdir: str, *, fold: int | None = None,
   from prosona_jax import layout  # pylint: disable=g-import-not-at-top
   from prosona_jax import prompt_bank  # pylint: disable=g-import-not-at-top
   from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   config = load_config(workdir, config)
   if fold is None:
@@ -232,14 +280,11 @@ def load_run(workdir: str, *, fold: int | None = None,
   s2_dir = stage2_dir or layout.stage_dir(workdir, fold, "stage2")
   ckpt_dir = os.path.join(s2_dir, "checkpoints")
   if os.path.isdir(ckpt_dir):
-    ckpt = checkpointing.Checkpointer(ckpt_dir)
-    step = ckpt.latest_step()
-    if step is not None:
-      # Restored without a target: only the params matter, whatever optimizer made them.
-      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-      projector = jax.device_get(restored["state"]["params"])
-    ckpt.close()
+    if checkpointing.step_dirs(ckpt_dir):
+      # Shapes from the checkpoint: only the params matter, whatever optimizer made them.
+      # Verified, falling back to an older step when the newest is damaged.
+      restored, _ = checkpointing.load_params(ckpt_dir, None, fields=("params",))
+      projector = jax.device_get(restored["params"])
     if projector is not None:
       projector, cell_info = _grid_cell(projector, config, cell, ckpt_dir)
     bank_path = os.path.join(s2_dir, "prompt_bank.npz")

@@ -9,23 +9,62 @@ local staging directory and copied up whole on `flush()`, `close()` and at most 
 minute while logging; a resumed run first fetches the existing `metrics.jsonl`.
 """
 
+import contextlib
 import json
+import logging as py_logging
 import os
 import shutil
 import tempfile
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from etils import epath
 import jax
 import numpy as np
 
 
+# Libraries whose INFO lines say nothing a user acts on, e.g. JAX's "Unable to initialize
+# backend 'tpu'" on every CPU run; their warnings still show.
+_NOISY_LOGGERS = ("jax", "jaxlib", "orbax", "grain", "etils", "transformers",
+                  "huggingface_hub", "urllib3", "filelock", "fsspec")
+
+
 def quiet_library_logs() -> None:
-  """Keeps INFO lines of Orbax (dozens per checkpoint) out of the run's log."""
-  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  """Keeps library INFO lines out of the run's log: Orbax's (dozens per checkpoint, logged
+  through absl) and those of `_NOISY_LOGGERS`."""
   py_logging.getLogger("absl").addFilter(
       lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+  for name in _NOISY_LOGGERS:
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
+@contextlib.contextmanager
+def run_log(path: str | None, preamble: str = "") -> Iterator[None]:
+  """Copies every log line of the block into `path` (the run's `logs/main.log`), after
+  `preamble` (the config): the file holds what stderr leaves out.
+
+  Appends, so a resumed run adds to it. Process 0 only, and local paths only (a remote
+  work directory gets none: its stderr is the log).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if not path or "://" in path or jax.process_index() != 0:
+    yield
+    return
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  handler = py_logging.FileHandler(path, encoding="utf-8")
+  handler.setLevel(py_logging.INFO)
+  handler.setFormatter(absl_logging.PythonFormatter())
+  if preamble:
+    handler.stream.write(preamble.rstrip("\n") + "\n")
+    handler.flush()
+  root = py_logging.getLogger()
+  root.addHandler(handler)
+  try:
+    yield
+  finally:
+    root.removeHandler(handler)
+    handler.close()
 
 
 def set_verbosity(*, progress: bool) -> None:

@@ -28,7 +28,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv, hooks: tuple = ()):
   del argv
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
-  from absl import logging  # pylint: disable=g-import-not-at-top
   from prosona_jax import distributed  # pylint: disable=g-import-not-at-top
   from prosona_jax import run  # pylint: disable=g-import-not-at-top
 
@@ -37,7 +36,7 @@ def main(argv, hooks: tuple = ()):
   if _DRY_RUN.value:
     run.dry_run(config, _WORKDIR.value)
     return
-  logging.info("Config:\n%s", config)
+  # The config goes to WORKDIR/logs/main.log, not stderr (`run.train_and_evaluate`).
   run.train_and_evaluate(config, _WORKDIR.value, hooks=hooks)
 
 

@@ -613,3 +613,42 @@ def score(labels: Any, preds: Any, *, convention: str = "dpersona",
   keys = list(per)
   per_image = [dict(zip(keys, row)) for row in zip(*(columns[k] for k in keys))]
   return {"convention": convention, "mean": mean, "per_image": per_image}
+
+
+def empty_counts(labels: Any, preds: Any,
+                 prediction_raters: Sequence[int | None] | None = None) -> dict[str, int]:
+  """Counts empty rater masks, empty predictions, and rater masks empty on both sides.
+
+  Two empty masks have Dice 1 in both conventions, so where most rater masks are empty and
+  predicted empty, high Dice columns say little about a model: one that predicts nothing
+  after one step scores Dice Max 100 on such a set. `evaluate` stores these counts with
+  every test result and `summary.md` notes when they dominate.
+
+  Args:
+    labels: (N, R, H, W) binary rater masks.
+    preds: (N, S, H, W) probabilities; a prediction is empty when no pixel has p > 0.5.
+    prediction_raters: for each of the S predictions, the rater it stands for, or None for
+      a sample of the whole distribution (it stands for every rater); default all None.
+
+  Returns:
+    {"rater_masks": N * R, "empty_labels", "predictions": N * S, "empty_predictions",
+    "empty_on_empty"}: the last counts rater masks that are empty and for which every
+    prediction standing for their rater is empty.
+  """
+  labels, preds = _check_pair(labels, preds)
+  n, r, s = labels.shape[0], labels.shape[1], preds.shape[1]
+  raters = list(prediction_raters) if prediction_raters is not None else [None] * s
+  if len(raters) != s:
+    raise ValueError(f"prediction_raters has {len(raters)} entries for {s} predictions")
+  label_empty = ~labels.reshape(n, r, -1).any(-1)
+  # Image by image: the binarised predictions of a whole test set can be large.
+  pred_empty = np.stack([~(preds[i] > BINARY_THRESHOLD).reshape(s, -1).any(-1)
+                         for i in range(n)])
+  both = 0
+  for k in range(r):
+    cols = [j for j, x in enumerate(raters) if x is None or x == k]
+    if cols:
+      both += int((label_empty[:, k] & pred_empty[:, cols].all(-1)).sum())
+  return {"rater_masks": n * r, "empty_labels": int(label_empty.sum()),
+          "predictions": n * s, "empty_predictions": int(pred_empty.sum()),
+          "empty_on_empty": both}

@@ -1,13 +1,16 @@
 """The two ways `predict` gets a model: a training run, or an export folder.
 
 Both give a `LoadedModel`: the export's metadata (config.json's schema), the prompt bank
-and three callables (`prompt_probs`, `prior`, `decode`; see `inference.py`) with the
-weights already bound. An export folder is run only through its serialized functions:
-nothing here builds the Flax model for it.
+and the inference functions (`inference.py`) with the weights already bound: the split
+`encode`, `decode_prompts` (Stage 2), `decode_latents`, and `prompt_probs` (Stage 2),
+`prior`, `decode`. An export of format version 1 has only the last three; it is still
+read. An export folder is run only through its serialized functions: nothing here
+builds the Flax model for it.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
@@ -26,17 +29,94 @@ class LoadedModel:
   """A model ready for inference (`fns` values take arrays, the weights bound)."""
   meta: dict
   bank: Any
-  fns: dict[str, Callable]
+  fns: collections.abc.MutableMapping[str, Callable]
   origin: str
 
   @property
   def has_projector(self) -> bool:
     return "prompt_probs" in self.fns
 
+  @property
+  def has_split(self) -> bool:
+    """Whether the split functions (`encode`, `decode_*`) are there (not in version 1)."""
+    return "encode" in self.fns
+
+  @property
+  def image_size(self) -> int:
+    return int(self.meta["data"]["image_size"])
+
 
 def _bind(fn: Callable, weights: dict) -> Callable:
   jitted = jax.jit(fn)
   return lambda *args: jitted(weights, *args)
+
+
+class _ExportedFunctions(collections.abc.MutableMapping):
+  """An export's functions, each deserialized (and bound to the weights) on first use.
+
+  `predict` needs two of the six; deserializing StableHLO is a noticeable part of a
+  short command's start-up. A missing file is reported at load, a bad one at first use.
+  """
+
+  def __init__(self, model_dir: str, meta: dict, weights: dict):
+    self._dir, self._meta, self._weights = model_dir, meta, weights
+    self._specs = dict(meta["functions"])
+    self._loaded: dict[str, Callable] = {}
+    self._cache: dict[str, jax_export.Exported] = {}
+    for name, spec in self._specs.items():
+      fpath = os.path.join(model_dir, spec["file"])
+      if not os.path.isfile(fpath):
+        raise InferenceError(f"{fpath}: missing (config.json lists the {name} function)")
+
+  def __getitem__(self, name: str) -> Callable:
+    if name not in self._loaded:
+      if name not in self._specs:
+        raise KeyError(name)
+      self._loaded[name] = _bind(self._exported(name).call, self._weights)
+    return self._loaded[name]
+
+  def _exported(self, name: str) -> jax_export.Exported:
+    if name in self._cache:
+      return self._cache[name]
+    fpath = os.path.join(self._dir, self._specs[name]["file"])
+    try:
+      with open(fpath, "rb") as f:
+        exp = jax_export.deserialize(bytearray(f.read()))
+    except Exception as e:
+      raise InferenceError(f"{fpath}: cannot deserialize the {name} function ({e}); it "
+                           f"was written with jax {self._meta.get('jax_version', '?')}, "
+                           f"this is jax {jax.__version__}") from e
+    platform = jax_export.default_export_platform()  # 'cuda', not 'gpu'.
+    if platform not in exp.platforms:
+      raise InferenceError(f"{fpath}: exported for {', '.join(exp.platforms)}, but JAX "
+                           f"runs on {platform} here; re-export with --platforms={platform}")
+    self._cache[name] = exp
+    return exp
+
+  def check_weights(self, wpath: str) -> None:
+    """Refuses weights that do not fit the functions, reading only one of them.
+
+    Every function takes the whole weights dict, so one signature tells; a folder whose
+    params.safetensors belongs to another model fails here, in one line, not deep inside
+    the first call. `encode` (else `prior`) is read: predict needs it anyway.
+    """
+    name = next((n for n in ("encode", "prior") if n in self._specs), next(iter(self._specs)))
+    fpath = os.path.join(self._dir, self._specs[name]["file"])
+    check_weights(self._weights, self._exported(name), wpath, fpath)
+
+  def __setitem__(self, name: str, fn: Callable) -> None:
+    self._specs.setdefault(name, None)
+    self._loaded[name] = fn
+
+  def __delitem__(self, name: str) -> None:
+    del self._specs[name]
+    self._loaded.pop(name, None)
+
+  def __iter__(self):
+    return iter(self._specs)
+
+  def __len__(self) -> int:
+    return len(self._specs)
 
 
 def _read_meta(model_dir: str) -> dict:
@@ -56,16 +136,35 @@ def _read_meta(model_dir: str) -> dict:
     got = meta.get("format") if isinstance(meta, dict) else None
     raise InferenceError(f"{path}: field 'format' is {got!r}, expected {exporter.FORMAT!r}: "
                          "not a prosona_jax export")
-  if meta.get("format_version") != exporter.FORMAT_VERSION:
+  if meta.get("format_version") not in exporter.READABLE_VERSIONS:
+    readable = " and ".join(str(v) for v in exporter.READABLE_VERSIONS)
     raise InferenceError(
         f"{path}: field 'format_version' is {meta.get('format_version')!r}, but this "
-        f"prosona_jax reads version {exporter.FORMAT_VERSION} (the folder was written by "
+        f"prosona_jax reads versions {readable} (the folder was written by "
         f"prosona_jax {meta.get('prosona_jax_version', '?')}); re-export it with this "
         "version or use the matching prosona_jax.")
   for field in ("data", "model", "functions"):
     if field not in meta:
       raise InferenceError(f"{path}: field {field!r} is missing")
   return meta
+
+
+def check_weights(weights: dict, exp: jax_export.Exported, wpath: str, fpath: str) -> None:
+  """Refuses weights that are not the ones `exp` was exported with (names, shapes, dtypes).
+
+  Otherwise a params.safetensors of another model fails deep inside the call.
+  """
+  (args, _) = jax.tree_util.tree_unflatten(exp.in_tree, exp.in_avals)
+  expected = args[0]  # Every function takes the whole weights dict first.
+  for name in sorted(set(expected) | set(weights)):
+    want, got = expected.get(name), weights.get(name)
+    if want is None or got is None or tuple(want.shape) != tuple(got.shape) \
+        or want.dtype != got.dtype:
+      describe = lambda a: "absent" if a is None else f"{a.dtype}{list(a.shape)}"
+      raise InferenceError(
+          f"{wpath}: tensor {name!r} is {describe(got)}, but {os.path.basename(fpath)} "
+          f"expects {describe(want)}: these weights belong to another model (re-export "
+          "the folder from its run)")
 
 
 def load_export(model_dir: str) -> LoadedModel:
@@ -79,21 +178,8 @@ def load_export(model_dir: str) -> LoadedModel:
     weights = jax.device_put(load_file(wpath))
   except Exception as e:  # Missing, truncated or not safetensors.
     raise InferenceError(f"{wpath}: cannot read the weights ({e})") from e
-  platform = jax_export.default_export_platform()  # 'cuda', not 'gpu'.
-  fns = {}
-  for name, spec in meta["functions"].items():
-    fpath = os.path.join(model_dir, spec["file"])
-    try:
-      with open(fpath, "rb") as f:
-        exp = jax_export.deserialize(bytearray(f.read()))
-    except Exception as e:
-      raise InferenceError(f"{fpath}: cannot deserialize the {name} function ({e}); it "
-                           f"was written with jax {meta.get('jax_version', '?')}, this is "
-                           f"jax {jax.__version__}") from e
-    if platform not in exp.platforms:
-      raise InferenceError(f"{fpath}: exported for {', '.join(exp.platforms)}, but JAX "
-                           f"runs on {platform} here; re-export with --platforms={platform}")
-    fns[name] = _bind(exp.call, weights)
+  fns = _ExportedFunctions(model_dir, meta, weights)
+  fns.check_weights(wpath)
   bank = None
   if meta.get("prompt_bank"):
     bpath = os.path.join(model_dir, meta["prompt_bank"])
@@ -117,7 +203,8 @@ def load_workdir(workdir: str, *, fold: int | None = None, config=None,
   weights = jax.device_put(run.weights)
   fns = inference.make_functions(run.config)
   if not has_projector:
-    del fns["prompt_probs"]
+    for name in inference.PROJECTOR_FUNCTIONS:
+      del fns[name]
   fns = {name: _bind(fn, weights) for name, fn in fns.items()}
   return LoadedModel(meta=meta, bank=run.bank, fns=fns,
                      origin=os.path.abspath(workdir)), run.config

@@ -8,6 +8,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from prosona_jax.errors import ConfigError
+
 
 def make_mesh() -> Mesh:
   """A 1-D mesh over every device of every process, axis name `data`."""
@@ -51,7 +53,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Returns the per-process batch size, or raises if the batch does not divide evenly."""
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if global_batch_size % n_dev:
-    raise ValueError(
+    raise ConfigError(
         f"config.data.batch_size={global_batch_size} must be a multiple of the number of "
         f"devices ({n_dev}) for data-parallel training.")
   return global_batch_size // n_proc

@@ -19,7 +19,15 @@ shape), one binary mask per prompt or sample in the input's format (`<stem>_prom
 with the input's affine and header for NIfTI, `.npy` for multi-frame DICOM),
 `<stem>_overlay.png`, with `--interpolate` `<stem>_interpolation.png` and `.npy`, and
 `predictions.json` listing prompts, files and the preprocessing used. See `image_io.py`
-for the accepted inputs, intensity normalisation and resizing.
+for the accepted inputs and intensity normalisation.
+
+Images larger than the model (a 512x512 CT slice, a 128x128 model) are predicted whole:
+overlapping model-sized tiles (`--overlap`, default 0.25) blended with Gaussian weights,
+as MONAI's sliding_window_inference does. `--roi=ROW,COL` predicts only the model-sized
+region around that point, as LIDC models are trained (nodule-centred crops); outside it
+the outputs are 0. `--resize=resample` rescales the slice to the model's size instead.
+Smaller images are zero-padded, and the padding is cut off the outputs. What was done is
+printed and recorded in predictions.json.
 """
 
 from absl import flags
@@ -51,8 +59,17 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.5,
 _AXIS = flags.DEFINE_integer("axis", None, "Slicing axis of 3-D volumes (default: the config's).")
 _NORMALIZE = flags.DEFINE_enum("normalize", "auto", image_io.NORMALIZE,
                                "Intensity normalisation.")
-_RESIZE = flags.DEFINE_enum("resize", "auto", image_io.RESIZE,
-                            "How slices reach the model's size.")
+_RESIZE = flags.DEFINE_enum(
+    "resize", "auto", image_io.RESIZE,
+    "How slices reach the model's size: sliding_window (tiles over the whole image), "
+    "resample (rescale), crop_or_pad (centre crop: the rest gets 0); auto: resample for "
+    "models trained on resampled folder data, else sliding_window.")
+_ROI = flags.DEFINE_list(
+    "roi", None, "ROW,COL: predict only the model-sized region centred at that pixel; the "
+    "rest gets 0. For a 3-D volume, three indices (one per axis of the array, in the "
+    "file's order) also pick the one slice.")
+_OVERLAP = flags.DEFINE_float("overlap", 0.25,
+                              "Overlap of the sliding window's tiles, in [0, 1).")
 _TEXT_ENCODER = flags.DEFINE_string(
     "text_encoder", "", "Text encoder folder/hub id for free text (default: the model's "
     "config); 'none' allows bank prompts only.")
@@ -84,8 +101,8 @@ def main(argv):
       keys=_KEY.value, prompts=_PROMPT.value, samples=_SAMPLES.value,
       interpolate=_INTERPOLATE.value, interpolate_steps=_INTERPOLATE_STEPS.value,
       seed=_SEED.value, batch_size=_BATCH_SIZE.value, threshold=_THRESHOLD.value,
-      axis=_AXIS.value, normalize=_NORMALIZE.value, resize=_RESIZE.value,
-      text_encoder=_TEXT_ENCODER.value))
+      axis=_AXIS.value, normalize=_NORMALIZE.value, resize=_RESIZE.value, roi=_ROI.value,
+      overlap=_OVERLAP.value, text_encoder=_TEXT_ENCODER.value), report=print)
   print(f"Wrote {sum(len(e['files']) for e in manifest['inputs'])} files to {_OUT.value}")
 
 

@@ -6,7 +6,12 @@ the host only on logging steps, so the device runs ahead of Python between them.
 
 Hooks (`fit(..., hooks=[...])`) are called after every step with the step number (counted
 from 1) and the state, as nanodo's loop calls its progress and profiling hooks; tests use
-them to inject faults (a SIGKILL or SIGTERM after a given step).
+them to inject faults (a SIGKILL or SIGTERM after a given step, or a NaN: a hook that
+returns a state replaces the loop's).
+
+A checkpoint is written only of a state that is entirely finite (`Checkpointer.save`
+checks every array on the host, with its checksums), so the last good checkpoint the NaN
+stop names is one.
 """
 
 import dataclasses
@@ -143,6 +148,9 @@ class LoopConfig:
   log_every: int
   checkpoint_every: int
   eval_every: int  # 0: validation only at the end.
+  # Metric -> the lowest value it can reach (Stage 2's contrastive terms: ln 5), shown
+  # beside it in progress lines and written once as `train/<metric>_floor`.
+  floors: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -150,6 +158,33 @@ def _fmt_time(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class ProgressClock:
+  """Steps per second and the ETA of progress lines, from step times after compilation.
+
+  The first step of a loop compiles the train step (tens of seconds on a CPU, longer
+  than many steps); counted in, it made the first ETA several times too long. `start`
+  is called once that step has finished, and rates count from there.
+  """
+
+  def __init__(self, total_steps: int):
+    self.total_steps = total_steps
+    self._step: int | None = None
+    self._time = 0.0
+
+  def start(self, step: int, now: float) -> None:
+    """Marks the end of the compiling step `step` (counted from 1) at time `now`."""
+    self._step, self._time = step, now
+
+  def tick(self, step: int, now: float) -> tuple[float | None, float | None]:
+    """(steps per second since the last tick or `start`, seconds left), or (None, None)
+    when no step has run since compilation (a log line right after the first step)."""
+    if self._step is None or step <= self._step:
+      return None, None
+    rate = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return rate, (self.total_steps - step) / max(rate, 1e-9)
 
 
 def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
@@ -171,12 +206,14 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
     lr_fn: learning rate at a step, for logging.
     eval_fn: validation `(state, step) -> metrics`, run every `loop.eval_every` steps and
       at the end.
-    hooks: called as `hook(step, state)` after every step (step counted from 1).
+    hooks: called as `hook(step, state)` after every step (step counted from 1); a hook
+      that returns a `TrainState` replaces the loop's (tests inject faults so).
 
   Returns:
     The final state (also checkpointed).
   """
-  restored, _, latest = checkpointing.load_state_if_possible(ckpt, state, iterator)
+  restored, _, latest = checkpointing.load_state_if_possible(ckpt, state, iterator,
+                                                             name=loop.name)
   if restored is not None:
     state = restored
     logging.info("%s: resumed from the checkpoint of step %d.", loop.name, latest)
@@ -185,54 +222,87 @@ def fit(loop: LoopConfig, *, state: TrainState, train_step: Callable, iterator,
     logging.info("%s: already complete (%d steps).", loop.name, start)
     return state
 
+  def stop(what: str) -> None:
+    ckpt.wait()  # An earlier save may still be in flight: finish it before dying.
+    # Only finite states are saved (`Checkpointer.save` refuses others): the newest is good.
+    good = ckpt.latest_step()
+    kept = (f"The last good checkpoint is step {good} in {ckpt.directory}" if good is not None
+            else f"No checkpoint was written to {ckpt.directory} before it")
+    raise NonFiniteLoss(f"{loop.name}: {what}; stopping. {kept} "
+                        "(lower the learning rate or check the data).")
+
   def check_finite(step: int) -> None:
+    del step
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
-      ckpt.wait()  # An earlier save may still be in flight: finish it before dying.
-      good = ckpt.latest_step()
-      kept = (f"The last good checkpoint is step {good} in {ckpt.directory}" if good is not None
-              else f"No checkpoint was written to {ckpt.directory} before it")
-      raise NonFiniteLoss(
-          f"{loop.name}: the loss became NaN or infinite at step {bad}; stopping. {kept} "
-          "(lower the learning rate or check the data).")
+      stop(f"the loss became NaN or infinite at step {bad}")
 
-  t_start, t_last, step_last = time.time(), time.time(), start
+  def save(step: int) -> None:
+    check_finite(step)
+    try:
+      ckpt.save(step, state, iterator, {"stage": loop.name, "batches": step})
+    except checkpointing.NonFiniteState as e:
+      # The guard skips updates whose loss or gradients are not finite, but a finite
+      # update can still make NaN parameters (a NaN learning rate, an overflow).
+      stop(f"the parameters or optimizer state became NaN or infinite by step {step} "
+           f"({e.leaves[0]}), with every loss and gradient finite (a non-finite learning "
+           "rate, or an update that overflowed)")
+
+  t_start = time.time()
+  clock = ProgressClock(loop.total_steps)
+  if loop.floors:
+    values = sorted(set(round(v, 3) for v in loop.floors.values()))
+    logging.info("%s: %s cannot go below %s (ln of the positives per prompt): a term at its "
+                 "floor has reached its optimum; it has not stalled (docs/method.md).",
+                 loop.name, " and ".join(loop.floors), " / ".join(f"{v:.3f}" for v in values))
+    if start == 0:
+      writer.scalars(0, {f"train/{k}_floor": v for k, v in loop.floors.items()})
   with _SigtermFlag() as sigterm:
     for step in range(start, loop.total_steps):
       if sigterm.should_stop(step):
-        check_finite(step)
-        ckpt.save(step, state, iterator, {"stage": loop.name})
+        save(step)
         ckpt.wait()
         logging.warning("%s: preempted at step %d; checkpoint saved. Re-run the same "
                         "command to resume.", loop.name, step)
         raise Preempted(step)
       batch = parallel.to_global(next(iterator), mesh)
-      state, metrics = train_step(state, batch)
+      if step == start:
+        # The first call compiles: say so, and time it apart from the steps' rate.
+        logging.info("%s: compiling the train step...", loop.name)
+        t_compile = time.time()
+        state, metrics = train_step(state, batch)
+        jax.block_until_ready(state)
+        clock.start(step + 1, time.time())
+        logging.info("%s: compiled in %.1f s (with the first step).", loop.name,
+                     time.time() - t_compile)
+      else:
+        state, metrics = train_step(state, batch)
       done = step + 1
       if done % loop.log_every == 0 or done == loop.total_steps:
         metrics = jax.device_get(metrics)
         check_finite(done)
-        now = time.time()
-        rate = (done - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, done
-        eta = (loop.total_steps - done) / max(rate, 1e-9)
+        rate, eta = clock.tick(done, time.time())
         row = {f"train/{k}": v for k, v in metrics.items()}
-        row["train/steps_per_sec"] = rate
+        if rate is not None:
+          row["train/steps_per_sec"] = rate
         if lr_fn is not None:
           row["train/lr"] = lr_fn(done)
         writer.scalars(done, row)
-        logging.info("%s step %d/%d  loss %.4f  %.2f steps/s  ETA %s", loop.name, done,
-                     loop.total_steps, float(metrics["loss"]), rate, _fmt_time(eta))
+        floors = "".join(f"  {k} {float(metrics[k]):.3f} (floor {v:.3f})"
+                         for k, v in loop.floors.items() if k in metrics)
+        speed = (f"  {rate:.2f} steps/s  ETA {_fmt_time(eta)}" if rate is not None else "")
+        logging.info("%s step %d/%d  loss %.4f%s%s", loop.name, done, loop.total_steps,
+                     float(metrics["loss"]), floors, speed)
       if done % loop.checkpoint_every == 0 and done < loop.total_steps:
-        check_finite(done)
-        ckpt.save(done, state, iterator, {"stage": loop.name})
+        save(done)
       if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 \
           and done < loop.total_steps:
         writer.scalars(done, {f"val/{k}": v for k, v in eval_fn(state, done).items()})
       for hook in hooks:
-        hook(done, state)
-  check_finite(loop.total_steps)
-  ckpt.save(loop.total_steps, state, iterator, {"stage": loop.name})
+        replaced = hook(done, state)
+        if isinstance(replaced, TrainState):  # Other return values mean nothing.
+          state = replaced
+  save(loop.total_steps)
   ckpt.wait()
   if eval_fn is not None:
     writer.scalars(loop.total_steps,

@@ -2,8 +2,19 @@
 # Creates .venv with everything the project and its tests need (CPU build of JAX), and
 # installs prosona_jax into it (editable), so `python -m prosona_jax.*` and the
 # `prosona-*` commands work from any directory.
+#
+# `bash scripts/setup.sh --serve` (or PROSONA_SERVE=1) also installs the optional `serve`
+# extra (the local review page, `prosona-serve`) and what its browser test needs:
+# selenium, and Debian's chromium and chromium-driver (through apt-get, when root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SERVE=${PROSONA_SERVE:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --serve) SERVE=1 ;;
+    *) echo "setup.sh: unknown argument $arg (only --serve)" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
@@ -27,3 +38,19 @@ PY
 # directory takes precedence: here that folder is the package itself.
 PYTHONWARNINGS="ignore::UserWarning:setuptools.command.editable_wheel" \
   python -m pip install -q --no-deps --no-build-isolation -e .
+if [[ "$SERVE" == 1 ]]; then
+  # The extras as pyproject.toml declares them (one list); the base dependencies are
+  # already there, so pip only adds the web stack and selenium.
+  PYTHONWARNINGS="ignore::UserWarning:setuptools.command.editable_wheel" \
+    python -m pip install -q --no-build-isolation -e ".[serve,browser-test]"
+  if ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      (apt-get install -y -q chromium chromium-driver \
+        || (apt-get update -q && apt-get install -y -q chromium chromium-driver)) >/dev/null 2>&1 \
+        || echo "setup.sh: warning: could not install chromium and chromium-driver" >&2
+    else
+      echo "setup.sh: warning: the browser test needs chromium and chromium-driver" \
+        "(Debian: apt-get install chromium chromium-driver)" >&2
+    fi
+  fi
+fi

@@ -78,3 +78,149 @@ def shared_data() -> pathlib.Path:
       pytest.fail(f"CI=true and {reason}", pytrace=False)
     pytest.skip(reason)
   return root
+
+
+# Prompts of `styles_export` and the styles they choose.
+STYLE_CORE = "solid core only"
+STYLE_MARGIN = "core plus faint surrounding zone, generous margin"
+
+
+@pytest.fixture(scope="session")
+def styles_export(tmp_path_factory) -> str:
+  """A 32x32 model whose prompts choose a style, exported (CPU; ~40 s once on 2 cores).
+
+  The tiny configuration's Stage 1, trained for 500 steps on the synthetic set to draw
+  the conservative rater's mask when the latent's first coordinate is negative and the
+  inclusive rater's when it is positive (BCE + soft Dice), its prior pulled to N(0, I) so
+  that its samples fall on both sides. The projector is set by hand instead of trained: the
+  first two embedding dimensions push z_proj along -/+ the first latent axis, so
+  `STYLE_CORE` (embedding e0) picks the most negative of the K=16 prior samples and
+  `STYLE_MARGIN` (e1) the most positive, and the bank's middle raters lie between.
+  Free text goes through the tiny random text encoder of the config (32-d, like the bank).
+  What the inference side does with a real model (encode, projector, similarity-weighted
+  latent, Fcomb) is unchanged; only the weights are made quickly.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from configs import tiny
+  from prosona_jax import exporter, inference, prompt_bank
+  from prosona_jax.data import synthetic
+  from prosona_jax.models import prob_unet
+  from prosona_jax.models import prompt as prompt_lib
+
+  config = tiny.get_config()
+  config.stage2.eval_num_samples = 16
+  model = prob_unet.build_from_config(config)
+  items = [synthetic.generate_item(0, i, 16, 32, 4) for i in range(96)]
+  x = np.stack([im for im, _ in items])[..., None]
+  y = np.stack([m for _, m in items]).astype(np.float32)  # (N, 4, H, W), style order.
+  params = jax.jit(lambda r: prob_unet.init_from_config(config, r))(jax.random.key(0))["params"]
+  tx = optax.adam(5e-3)
+
+  @jax.jit
+  def step(params, opt, xb, yb, key):
+    def loss_fn(p):
+      v = {"params": p}
+      feats = model.apply(v, xb, False, method="features")
+      mu, log_sigma = model.apply(v, xb, method="prior_dist")
+      z = jax.lax.stop_gradient(
+          prob_unet.gaussian_sample(mu, log_sigma, jax.random.normal(key, mu.shape)))
+      target = jnp.where(z[:, 0, None, None] < 0, yb[:, 0], yb[:, 3])
+      logits = model.apply(v, feats, z, method="decode")
+      prob = jax.nn.sigmoid(logits)
+      dice = (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
+      kl = 0.5 * (mu ** 2 + jnp.exp(2 * log_sigma) - 1 - 2 * log_sigma).sum(-1)
+      return (optax.sigmoid_binary_cross_entropy(logits, target).mean() + 1 - dice.mean()
+              + kl.mean())
+    grads = jax.grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt)
+    return optax.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  rng = np.random.default_rng(0)
+  for i in range(500):
+    idx = rng.choice(len(x), 16, replace=False)
+    params, opt = step(params, opt, x[idx], y[idx], jax.random.key(i))
+  dim, d = 32, int(config.model.latent_dim)
+  proj = prompt_lib.build_projector(config).init(jax.random.key(1), jnp.zeros((1, dim)))
+  proj = jax.tree.map(np.zeros_like, jax.device_get(proj))
+  hidden, out = proj["params"]["hidden"]["kernel"], proj["params"]["out"]["kernel"]
+  hidden[0, 0] = hidden[1, 1] = 1.0
+  out[0, 0], out[1, 0] = -20.0 * d ** 0.5, 20.0 * d ** 0.5
+  bank = prompt_bank.PromptBank.from_phrasings(
+      [p[:1] for p in prompt_bank.SYNTHETIC_PROMPTS["train"]])
+  assert bank.prompts[0] == STYLE_CORE and bank.prompts[-1] == STYLE_MARGIN
+  t = np.linspace(0.0, 1.0, len(bank.prompts))[:, None]
+  bank.embeddings = np.zeros((len(bank.prompts), dim), np.float32)
+  bank.embeddings[:, :2] = np.concatenate([1.0 - t, t], axis=1)
+  bank.encoder_name = "tiny_bert"
+  path = str(tmp_path_factory.mktemp("styles") / "model")
+  exporter.write_export(path, config, inference.model_weights(params, {}, proj), bank=bank,
+                        platforms=["cpu"])
+  return path
+
+
+def missing(reason: str) -> None:
+  """Skips the test for a missing tool or package, with the reason; under CI=true fails
+  instead (CI installs everything: a skip there would hide an untested feature)."""
+  if _under_ci():
+    pytest.fail(f"CI=true and {reason}", pytrace=False)
+  pytest.skip(reason)
+
+
+def serve_extra_missing() -> str | None:
+  """Why the web app cannot run here (the `serve` extra is not installed), or None."""
+  import importlib.util
+  absent = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+  return (f"the serve extra is not installed ({', '.join(absent)}: bash scripts/setup.sh "
+          "--serve)") if absent else None
+
+
+@pytest.fixture(scope="session")
+def serve_url(styles_export, tmp_path_factory):
+  """`python -m prosona_jax.serve` on `styles_export`, on a free port of 127.0.0.1, with a
+  1 MB upload limit; yields its address ("http://127.0.0.1:PORT/"), stops it at the end."""
+  import queue
+  import subprocess
+  import sys
+  import threading
+  reason = serve_extra_missing()
+  if reason:
+    missing(reason)
+  log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+  with open(log, "w") as err:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prosona_jax.serve", f"--model={styles_export}", "--port=0",
+         "--max_upload_mb=1", "--samples=6"], cwd=REPO, stdout=subprocess.PIPE, stderr=err,
+        text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+  lines: queue.Queue = queue.Queue()
+
+  def pump():
+    for line in proc.stdout:
+      lines.put(line)
+    lines.put(None)  # The server exited.
+
+  threading.Thread(target=pump, daemon=True).start()
+  url = None
+  try:
+    while url is None:
+      try:
+        line = lines.get(timeout=300)
+      except queue.Empty:
+        line = None
+      if line is None:
+        break
+      if line.startswith("Serving at "):
+        url = line.split()[2]
+    if url is None:
+      proc.kill()
+      pytest.fail(f"serve did not start:\n{log.read_text()[-3000:]}", pytrace=False)
+    yield url
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      proc.kill()

@@ -39,6 +39,7 @@ def trained(tiny_run):
 def test_folder_holds_weights_config_bank_functions_and_readme(tiny_export, tiny_run):
   files = set(os.listdir(tiny_export))
   assert {"params.safetensors", "config.json", "prompt_bank.npz", "README.md",
+          "encode.jaxexport", "decode_prompts.jaxexport", "decode_latents.jaxexport",
           "prompt_probs.jaxexport", "prior.jaxexport", "decode.jaxexport"} <= files
   with open(os.path.join(tiny_export, "config.json")) as f:
     meta = json.load(f)
@@ -47,13 +48,17 @@ def test_folder_holds_weights_config_bank_functions_and_readme(tiny_export, tiny
   assert meta["model"]["backbone"] == "unet" and meta["stage2"]["eval_num_samples"] == 4
   assert meta["text"]["kind"] == "tiny_bert" and meta["source"]["fold"] == 0
   assert "b,p,32,32" in meta["functions"]["prompt_probs"]["outputs"][0]
+  assert meta["num_prior_samples"] == 4
+  assert meta["functions"]["encode"]["outputs"][0] == "features: float32[b,32,32,4]"
+  assert "z: float32[b,4,6]" in meta["functions"]["encode"]["outputs"][3]
   bank = prompt_bank.PromptBank.load(os.path.join(tiny_export, "prompt_bank.npz"))
   run_bank = prompt_bank.PromptBank.load(os.path.join(tiny_run, "fold0", "stage2",
                                                       "prompt_bank.npz"))
   assert bank.prompts == run_bank.prompts
   np.testing.assert_array_equal(bank.embeddings, run_bank.embeddings)
   with open(os.path.join(tiny_export, "README.md")) as f:
-    assert "prompt_probs.jaxexport" in f.read()
+    text = f.read()
+  assert "prompt_probs.jaxexport" in text and "load('decode_prompts')" in text
 
 
 def test_params_safetensors_reload_into_the_model_exactly(tiny_export, trained):
@@ -110,6 +115,17 @@ def test_exported_functions_match_the_model(tiny_export, trained, batch):
   # Each image draws from its own key: the first image's masks ignore the batch around it.
   alone = loaded.fns["prompt_probs"](images[:1], emb, keys[:1])
   np.testing.assert_allclose(alone, got[:1], atol=1e-6)
+  # The split functions: the image part once, then any prompts or latents on its features.
+  e_feats, e_mu2, e_log2, e_z = loaded.fns["encode"](images, keys)
+  np.testing.assert_allclose(e_feats, feats, atol=1e-5)
+  np.testing.assert_allclose(e_mu2, mu, atol=1e-5)
+  np.testing.assert_allclose(e_log2, log_sigma, atol=1e-5)
+  assert e_z.shape == (batch, 4, 6)
+  np.testing.assert_allclose(loaded.fns["decode_prompts"](e_feats, e_z, emb), want, atol=1e-5)
+  np.testing.assert_allclose(loaded.fns["decode_latents"](e_feats, z), want_logits, atol=1e-5)
+  # Prompts one at a time on the same features give the same masks as all at once.
+  one = loaded.fns["decode_prompts"](e_feats, e_z, emb[2:3])
+  np.testing.assert_allclose(one[:, 0], want[:, 2], atol=1e-5)
 
 
 def test_cli_exports_a_stage2_dir_and_needs_a_config_when_none_was_saved(
@@ -173,3 +189,50 @@ def test_predictor_prompt_passes_agree(trained):
   assert np.abs(out[7][:, 0] - out[7][:, 1]).max() > 1e-4
   for per_pass in (1, 3):
     np.testing.assert_allclose(out[per_pass], out[7], atol=1e-6)
+
+
+def _as_version_1(export_dir, out_dir) -> str:
+  """A copy of an export as format version 1 wrote it: no split functions."""
+  shutil.copytree(export_dir, out_dir)
+  with open(os.path.join(out_dir, "config.json")) as f:
+    meta = json.load(f)
+  for name in ("encode", "decode_prompts", "decode_latents"):
+    os.remove(os.path.join(out_dir, meta["functions"].pop(name)["file"]))
+  meta["format_version"] = 1
+  del meta["num_prior_samples"]
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(meta, f)
+  return str(out_dir)
+
+
+def test_version_1_exports_still_predict_whole_images_alike(tiny_export, tmp_path):
+  from prosona_jax import predictor
+  old = model_loader.load_export(_as_version_1(tiny_export, tmp_path / "v1"))
+  new = model_loader.load_export(tiny_export)
+  assert not old.has_split and new.has_split and old.has_projector
+  x = np.random.default_rng(0).random((2, 70, 45, 1), np.float32)  # 3 x 2 tiles each.
+  keys = inference.image_keys(5, np.arange(2))
+  emb = new.bank.embeddings[:3]
+  got = {}
+  for name, model in (("v1", old), ("v2", new)):
+    p = predictor.Predictor(model, batch_size=4)
+    got[name] = (p.prompts(x, keys, emb), p.samples(x, keys, 5))
+  assert got["v2"][0].shape == (2, 3, 70, 45) and got["v2"][1].shape == (2, 5, 70, 45)
+  for a, b in zip(got["v1"], got["v2"]):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_functions_are_deserialized_on_first_use_and_bad_files_named(tiny_export, tmp_path):
+  broken = tmp_path / "broken"
+  shutil.copytree(tiny_export, broken)
+  (broken / "decode.jaxexport").write_bytes(b"not a jax export")
+  model = model_loader.load_export(str(broken))  # Only listed files are checked here.
+  assert set(model.fns) == set(export.FUNCTION_FILES) and model.has_split
+  images = np.zeros((1, 32, 32, 1), np.float32)
+  model.fns["encode"](images, inference.image_keys(0, [0]))
+  with pytest.raises(inference.InferenceError,
+                     match=r"decode\.jaxexport: cannot deserialize the decode function"):
+    model.fns["decode"](images, np.zeros((1, 2, 6), np.float32))
+  os.remove(broken / "prior.jaxexport")
+  with pytest.raises(inference.InferenceError, match=r"prior\.jaxexport: missing"):
+    model_loader.load_export(str(broken))

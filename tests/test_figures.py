@@ -8,7 +8,7 @@ import pytest
 
 from prosona_jax import figures
 from prosona_jax.data import inspect as inspect_data
-from prosona_jax import predictor as predict
+from prosona_jax import image_io
 from prosona_jax.data.npz import ArraySource
 from prosona_jax.data.synthetic import SyntheticSource
 
@@ -115,14 +115,28 @@ def test_interpolation_strip_names_its_image(captured):
   assert titles[1] == "'small'  ->  'large'"
 
 
-def test_overlay_says_which_slice_it_shows(captured):
+def test_overlay_says_which_slice_it_shows(monkeypatch, tmp_path):
+  """predict's overlay (Pillow, image_io.write_overlay) heads its image panel with the slice."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   images, _, preds, _ = _data()
-  overlay = predict._overlay  # pylint: disable=protected-access
-  overlay(images[0], preds[0], list(LIDC_PROMPTS), "unused.png", 0.5,
-          subtitle="slice 12 of 30 (from 0) along axis 2")
-  overlay(images[0], preds[0], list(LIDC_PROMPTS), "unused.png", 0.5)
-  assert "slice 12 of 30" in captured[0].axes[0].get_title().replace("\n", " ")
-  assert captured[1].axes[0].get_title() == ""
+  texts = []
+  real = ImageDraw.ImageDraw.multiline_text
+
+  def recording(self, xy, text, *args, **kwargs):
+    texts.append(text)
+    return real(self, xy, text, *args, **kwargs)
+
+  monkeypatch.setattr(ImageDraw.ImageDraw, "multiline_text", recording)
+  first = image_io.write_overlay(images[0], preds[0], list(LIDC_PROMPTS),
+                                 str(tmp_path / "a.png"), 0.5,
+                                 subtitle="slice 12 of 30 (from 0) along axis 2")
+  n = len(texts)
+  image_io.write_overlay(images[0], preds[0], list(LIDC_PROMPTS), str(tmp_path / "b.png"), 0.5)
+  assert n == 1 + len(LIDC_PROMPTS) and len(texts) == 2 * n
+  assert "slice 12 of 30" in texts[0].replace("\n", " ")
+  assert texts[n] == ""
+  assert any(LIDC_PROMPTS[0][:10] in t.replace("\n", " ") for t in texts[1:n])
+  assert Image.open(first).size[0] > Image.open(first).size[1]
 
 
 def _drawn_examples(monkeypatch, source, tmp_path):

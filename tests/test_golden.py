@@ -80,13 +80,16 @@ def _measure(workdir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
-  workdir = str(tmp_path_factory.mktemp("golden"))
+  # A relative --workdir, as the README's commands give it (Orbax needs absolute paths
+  # internally: a relative one once broke Stage 2's start from Stage 1).
+  cwd = str(tmp_path_factory.mktemp("golden"))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-m", "prosona_jax.main", *FLAGS,
-                         f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
+  flags = [f.replace("configs/", os.path.join(REPO, "configs") + "/") for f in FLAGS]
+  proc = subprocess.run([sys.executable, "-m", "prosona_jax.main", *flags,
+                         "--workdir=runs/golden"], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return _measure(workdir)
+  return _measure(os.path.join(cwd, "runs", "golden"))
 
 
 def _compare(got, want, where: str, problems: list) -> None:

@@ -174,7 +174,7 @@ def test_checkpoint_holds_every_process_iterator(runs):
 
 # ---------------------------------------------------------------- the ablation grid
 
-GRID = ("grid", "--config=configs/tiny.py", "--config.stage1.max_steps=4",
+GRID = ("grid", "--config=configs/tiny.py", "--train_stage1", "--config.stage1.max_steps=4",
         "--config.stage2.max_steps=4", "--config.stage2.grid_alpha=(0.0,1.0)",
         "--config.stage2.grid_beta=(0.5,)", "--config.stage2.eval_every_epochs=0",
         "--config.stage1.eval_every_epochs=0")

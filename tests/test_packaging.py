@@ -26,6 +26,7 @@ SCRIPTS = {
     "prosona-convert": ("convert", "prosona_jax.convert"),
     "prosona-score": ("score", "prosona_jax.score"),
     "prosona-inspect": ("inspect_data", "prosona_jax.inspect_data"),
+    "prosona-serve": ("serve", "prosona_jax.serve"),
 }
 
 

@@ -83,14 +83,22 @@ def test_png_and_dicom_give_png_masks_and_overlays(tiny_export, tmp_path):
     assert mask.shape == shape and set(np.unique(mask)) <= {0, 255}
     assert (out / f"{stem}_overlay.png").is_file()
     assert np.load(out / f"{stem}_probs.npy").shape == (4,) + shape
-  # The centre 32 columns of the 50 were seen; the cropped margins get probability 0.
+  # The whole 30x50 slice is seen: padded to 32 rows, two overlapping 32x32 tiles.
   probs = np.load(out / "slice_probs.npy")
-  assert (probs[..., :9] == 0).all() and (probs[..., 9:41] > 0).all()
+  assert (probs > 0).all()
+  assert m["inputs"][0]["resize"] == "sliding_window"
+  assert m["inputs"][0]["geometry"]["tiles"] == 2
+  assert m["inputs"][0]["geometry"]["padding"] == [[1, 1], [0, 0]]
   np.testing.assert_allclose(probs, np.load(out / "colour_probs.npy"), atol=1e-6)
   kinds = {e["kind"]: e["normalize"] for e in m["inputs"]}
   assert kinds == {"png": "unit (uint8 / 255)", "dicom": "robust"}
   _run(tmp_path / "res", model=tiny_export, inputs=inputs[:1], resize="resample")
   assert np.load(tmp_path / "res" / "slice_probs.npy").shape == (4, 30, 50)
+  # --resize=crop_or_pad: the centre 32 columns of the 50; the margins get probability 0.
+  m = _run(tmp_path / "crop", model=tiny_export, inputs=inputs[:1], resize="crop_or_pad")
+  probs = np.load(tmp_path / "crop" / "slice_probs.npy")
+  assert (probs[..., :9] == 0).all() and (probs[..., 9:41] > 0).all()
+  assert m["inputs"][0]["resize"] == "crop_or_pad"
 
 
 def test_workdir_mode_equals_export_mode_and_reads_dataset_keys(tiny_run, tiny_export,

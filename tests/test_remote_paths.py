@@ -74,7 +74,7 @@ def test_eval_json_summary_and_figures(bucket):
   layout.write_json(f"{bucket}/eval/stage1_fold0.json", result)
   assert json.loads(epath.Path(f"{bucket}/eval/stage1_fold0.json").read_text()) == result
   text = evaluate.write_summary(bucket)
-  assert "| stage1 | 0 | dpersona |" in text
+  assert "| stage1 | 0 (1 fold) | dpersona |" in text
   assert epath.Path(f"{bucket}/eval/summary.md").read_text() == text
   fig = plt.figure()
   figures.save(fig, f"{bucket}/eval/panel.png")
@@ -106,3 +106,15 @@ def test_prompt_bank_cache_and_grid_tables_on_gcs(bucket):
   assert json.loads((epath.Path(bucket) / "grid.json").read_text())["cells"][0]["alpha"] == 0.0
   assert "| 0 | 1 |" in (epath.Path(bucket) / "grid.md").read_text()
   assert (epath.Path(bucket) / "grid_ged.png").exists()
+
+
+def test_workdir_lock_on_gcs_is_best_effort_but_refuses_a_live_holder(bucket):
+  from prosona_jax import workdir_lock
+  lock = epath.Path(f"{bucket}/{workdir_lock.LOCK_NAME}")
+  with workdir_lock.hold(bucket):
+    holder = json.loads(lock.read_text())
+    assert holder["host"] and holder["pid"]
+    with pytest.raises(workdir_lock.WorkdirLocked, match=f"pid {holder['pid']} on "):
+      with workdir_lock.hold(bucket):
+        pass
+  assert not lock.exists()

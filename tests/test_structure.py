@@ -17,13 +17,14 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "prosona_jax")
-TOOLS = ("main", "grid", "predict", "export", "convert", "score", "inspect_data")
+TOOLS = ("main", "grid", "predict", "export", "convert", "score", "inspect_data", "serve")
 TRAINING = ("prosona_jax.trainer", "prosona_jax.run", "prosona_jax.ablation",
             "prosona_jax.evaluate", "prosona_jax.methods", "prosona_jax.grid",
             "prosona_jax.main", "prosona_jax.optimizers", "prosona_jax.losses")
 SERVING = ("prosona_jax.predict", "prosona_jax.predictor", "prosona_jax.inference",
            "prosona_jax.model_loader", "prosona_jax.exporter", "prosona_jax.export",
-           "prosona_jax.image_io")
+           "prosona_jax.image_io", "prosona_jax.tiling", "prosona_jax.serve",
+           "prosona_jax.webapp")
 
 
 def _module_name(path: str) -> str:

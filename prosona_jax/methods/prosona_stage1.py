@@ -8,6 +8,7 @@ once per image; only Fcomb runs per sample).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import jax
@@ -18,6 +19,8 @@ from prosona_jax import figures
 from prosona_jax import losses
 from prosona_jax import parallel
 from prosona_jax import trainer
+from prosona_jax.errors import ConfigError
+from prosona_jax.errors import UserError
 from prosona_jax.methods import base
 from prosona_jax.models import prob_unet
 
@@ -71,6 +74,45 @@ def init_state(model: prob_unet.ProbUNet, config, tx, mesh, rng: jax.Array
   return state
 
 
+def check_pretrained_encoder(config) -> None:
+  """Refuses a `model.pretrained_encoder` that Stage 1 could not read, before training.
+
+  Reads only what is cheap: that the file opens, its suffix, a safetensors header with
+  `conv1.weight`, and that torch is importable for `.pth` files.
+  """
+  path = config.model.pretrained_encoder
+  if not path:
+    return
+  flag = "--config.model.pretrained_encoder"
+  if config.model.backbone != "resnet34":
+    raise ConfigError(f"{flag}={path}: ImageNet weights apply to the resnet34 backbone only "
+                      f"(config.model.backbone is {config.model.backbone!r}).")
+  if not os.path.isfile(path):
+    raise UserError(f"{flag}={path}: no such file (a torchvision ResNet-34 state dict, "
+                    ".safetensors or .pth; `python -m prosona_jax.convert` makes one).")
+  try:
+    with open(path, "rb") as f:
+      f.read(1)
+  except OSError as e:
+    raise UserError(f"{flag}={path}: cannot be read ({e.strerror or e}).") from e
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    try:
+      with safe_open(path, "np") as f:
+        keys = set(f.keys())
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{flag}={path}: not a readable safetensors file ({e}).") from e
+    if "conv1.weight" not in keys:
+      raise UserError(f"{flag}={path}: holds no tensor 'conv1.weight'; expected a "
+                      "torchvision ResNet-34 state dict.")
+  elif path.endswith((".pth", ".pt")):
+    if importlib.util.find_spec("torch") is None:
+      raise UserError(f"{flag}={path}: reading .pth files needs torch; install it or "
+                      "convert the file to .safetensors.")
+  else:
+    raise UserError(f"{flag}={path}: expected a .safetensors or .pth file.")
+
+
 def make_train_step(model: prob_unet.ProbUNet, tx, config, mesh, base_rng: jax.Array
                     ) -> base.TrainStep:
   """The compiled step: batch sharded over `data`, state replicated and donated."""
@@ -96,10 +138,26 @@ class Stage1(base.Method):
   name = "stage1"
   section = "stage1"
   log_val_images = True
+  # No selection unless asked (`eval.select_on`): earlier runs and the demo keep their
+  # numbers; with selection, the baselines' metric.
+  default_select_on = "last"
+
+  @classmethod
+  def param_counts(cls, config) -> dict[str, int]:
+    """backbone, prior, posterior, fcomb, total (+ encoder, decoder); all trained."""
+    shapes = jax.eval_shape(lambda r: prob_unet.init_from_config(config, r),
+                            jax.random.key(0))
+    counts = prob_unet.count_params(shapes["params"])
+    return {**counts, "trainable": counts["total"]}
 
   def __init__(self, fold: base.Fold, **kwargs):
     super().__init__(fold, **kwargs)
     self.model = prob_unet.build_from_config(self.config)
+
+  @classmethod
+  def preflight(cls, config, workdir, *, run_stages=(), dir_name=None) -> None:
+    del workdir, run_stages, dir_name
+    check_pretrained_encoder(config)
 
   def init_state(self, tx):
     return init_state(self.model, self.config, tx, self.mesh, self.init_rng)

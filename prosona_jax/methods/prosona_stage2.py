@@ -16,6 +16,7 @@ the checkpoints (`prompt_bank.npz`), so bank prompts work later without the enco
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ import numpy as np
 import optax
 
 from prosona_jax import checkpointing
+from prosona_jax import config_lib
 from prosona_jax import contrastive
 from prosona_jax import figures
 from prosona_jax import layout
@@ -34,6 +36,7 @@ from prosona_jax import losses
 from prosona_jax import metrics
 from prosona_jax import parallel
 from prosona_jax import prompt_bank as bank_lib
+from prosona_jax import selection
 from prosona_jax import trainer
 from prosona_jax.errors import ConfigError
 from prosona_jax.errors import UserError
@@ -110,32 +113,127 @@ def score_prompts(labels, probs_NPHW, bank: bank_lib.PromptBank, convention: str
   return result
 
 
-def embedded_bank(config, stage_dir: str) -> bank_lib.PromptBank:
-  """The config's prompt bank with embeddings, from the run's cache or the text encoder."""
-  bank = bank_lib.PromptBank.from_config(config.text.prompts)
-  if bank.num_raters != config.data.num_raters:
-    raise ConfigError(f"config.text.prompts has phrasings for {bank.num_raters} raters; "
-                      f"config.data.num_raters is {config.data.num_raters}.")
-  path = os.path.join(stage_dir, "prompt_bank.npz")
+def _bank_path(stage_dir: str) -> str:
+  return os.path.join(stage_dir, "prompt_bank.npz")
+
+
+def _cached_bank(bank: bank_lib.PromptBank, stage_dir: str) -> bank_lib.PromptBank | None:
+  """The embedded copy of `bank` cached in `stage_dir`, or None."""
+  path = _bank_path(stage_dir)
   if epath.Path(path).exists():
     cached = bank_lib.PromptBank.load(path)
     if list(cached.prompts) == list(bank.prompts) and cached.embeddings is not None:
       return cached
+  return None
+
+
+def config_bank(config) -> bank_lib.PromptBank:
+  """The config's prompt bank, not embedded; checked against the number of raters."""
+  bank = bank_lib.PromptBank.from_config(config.text.prompts)
+  if bank.num_raters != config.data.num_raters:
+    raise ConfigError(f"config.text.prompts has phrasings for {bank.num_raters} raters; "
+                      f"config.data.num_raters is {config.data.num_raters}.")
+  return bank
+
+
+def embedded_bank(config, stage_dir: str) -> bank_lib.PromptBank:
+  """The config's prompt bank with embeddings, from the run's cache or the text encoder."""
+  bank = config_bank(config)
+  cached = _cached_bank(bank, stage_dir)
+  if cached is not None:
+    return cached
   from prosona_jax.models import text_encoder  # pylint: disable=g-import-not-at-top
   encoder = text_encoder.text_encoder_from_config(config.text)
   logging.info("Embedding %d prompts with %s.", len(bank), encoder.name)
   bank = bank.embed(encoder)
   if jax.process_index() == 0:
-    bank.save(path)
+    bank.save(_bank_path(stage_dir))
   return bank
+
+
+def prepare_banks(config, stage_dirs) -> bank_lib.PromptBank:
+  """Embeds the config's bank at most once and caches it in every one of `stage_dirs`.
+
+  The preflight of Stage 2 and of the grid: the text encoder is loaded (or found
+  missing) before anything trains, and each fold's stage then reads the cached copy.
+  """
+  stage_dirs = list(stage_dirs)
+  bank = embedded_bank(config, stage_dirs[0])
+  for stage_dir in stage_dirs[1:]:
+    if _cached_bank(bank, stage_dir) is None and jax.process_index() == 0:
+      bank.save(_bank_path(stage_dir))
+  return bank
+
+
+def _run_of(init_dir: str) -> str | None:
+  """The work directory of the run whose Stage-1 checkpoints are `init_dir`, if known."""
+  # Split on "/" rather than normalising: gs:// paths must keep their double slash.
+  parts = init_dir.rstrip("/").rsplit("/", 3)
+  if len(parts) == 4 and parts[1].startswith("fold") and parts[2:] == ["stage1",
+                                                                     "checkpoints"]:
+    run_dir = parts[0] or "/"
+    if layout.is_run_dir(run_dir):
+      return run_dir
+  return None
+
+
+def _check_same_model(config, init_dir: str) -> None:
+  """Refuses Stage-1 checkpoints of a run whose model differs from this config's.
+
+  Restoring them would fail in Orbax with a shape error far from its cause.
+  """
+  run_dir = _run_of(init_dir)
+  if run_dir is None:
+    return
+  try:
+    theirs = json.loads(epath.Path(layout.config_path(run_dir)).read_text())
+  except (OSError, ValueError):
+    return  # Not readable as JSON: the restore itself will say what is wrong.
+  ours = json.loads(config.to_json_best_effort())
+  fields = [("model", k) for k in ours["model"]] + [("data", "image_size"),
+                                                     ("data", "in_channels")]
+  differ = [f"{a}.{b}: {theirs.get(a, {}).get(b)!r} there, {ours[a][b]!r} here"
+            for a, b in fields if a in theirs and b in theirs[a]
+            and theirs[a][b] != ours[a][b]]
+  if differ:
+    raise UserError(f"--config.stage2.init_from: the Stage-1 run {run_dir} built another "
+                    f"model ({'; '.join(differ[:3])}). Use the same model config as that "
+                    "run, or another Stage 1.")
+
+
+def check_stage1(config, workdir: str, folds, how_to_train: str) -> None:
+  """Refuses a run whose Stage 2 would find no trained Stage 1 for one of `folds`.
+
+  Args:
+    config: the run's config.
+    workdir: the run's work directory.
+    folds: the folds that need a Stage 1.
+    how_to_train: the way to train Stage 1 in this run, for the message.
+  """
+  missing = []
+  for k in folds:
+    init_dir = layout.stage2_init_dir(config, workdir, k)
+    if checkpointing.latest_step_dir(init_dir) is None:
+      missing.append((k, init_dir))
+    else:
+      _check_same_model(config, init_dir)
+  if missing:
+    ks = ", ".join(str(k) for k, _ in missing)
+    raise UserError(
+        f"no trained Stage 1 for fold{'s' if len(missing) > 1 else ''} {ks} (no checkpoint "
+        f"in {missing[0][1]}). Start from a trained run with "
+        "--config.stage2.init_from=DIR (its work directory, e.g. runs/demo, or a "
+        f"checkpoints folder, '{{fold}}' replaced by the fold), or {how_to_train}.")
 
 
 def load_frozen(config, init_dir: str, mesh) -> dict:
   """The trained Stage-1 variables `{"params", "batch_stats"}`, replicated on the mesh.
 
   A params-only restore (`checkpointing.load_params`): Stage 1's optimizer state, step
-  and data iterator are not read.
+  and data iterator are not read. When Stage 1 kept a selected state (`selection`), that
+  state is the one read.
   """
+  init_dir = selection.selected_checkpoint_dir(init_dir)
   model = prob_unet.build_from_config(config)
   repl = parallel.replicated(mesh)
   abstract = jax.tree.map(
@@ -185,6 +283,17 @@ class Stage2(base.Method):
 
   name = "stage2"
   section = "stage2"
+  # No selection unless asked; with it, Dice Match over the rater prompts (as D-Persona
+  # selects its Stage 2).
+  default_select_on = "last"
+  select_metric = "dice_match"
+
+  @classmethod
+  def param_counts(cls, config) -> dict[str, int]:
+    """None counted: the projector's input width is the text encoder's, known only once
+    the encoder is loaded (a dry run loads nothing)."""
+    del config
+    return {}
 
   def __init__(self, fold: base.Fold, **kwargs):
     super().__init__(fold, **kwargs)
@@ -204,6 +313,28 @@ class Stage2(base.Method):
     self._predictor = None
     logging.info("%s/fold%d: %d training prompts for %d raters, %d steps.", self.name,
                  fold.fold, self.num_train_prompts, self.bank.num_raters, self.total_steps)
+
+  @classmethod
+  def preflight(cls, config, workdir, *, run_stages=(), dir_name=None) -> None:
+    """A trained Stage 1 for every fold (unless this run trains it), and the prompt
+    bank embedded now, into every fold's stage directory: the text encoder is the
+    one thing most likely to be missing (no hub), and Stage 2 runs last."""
+    folds = config_lib.folds_to_run(config.data)
+    own = {k: os.path.abspath(layout.checkpoint_dir(workdir, k, "stage1")) for k in folds}
+    elsewhere = [k for k in folds if "stage1" not in run_stages or os.path.abspath(
+        layout.stage2_init_dir(config, workdir, k)) != own[k]]
+    check_stage1(config, workdir, elsewhere,
+                 "train it in this run (keep 'stage1' in config.stages, as by default)")
+    prepare_banks(config, [layout.stage_dir(workdir, k, dir_name or cls.name)
+                           for k in folds])
+
+  def loop_config(self, name: str | None = None):
+    loop = super().loop_config(name)
+    # L_text and L_sim cannot go below this (their optimum), so a progress line shows
+    # it beside them: a value sitting there has converged, not stalled.
+    floor = contrastive.loss_floor(self.bank.train_view().positive_mask())
+    loop.floors = {"text": floor, "sim": floor}
+    return loop
 
   # ---------------------------------------------------------------- training
   def init_projector(self):
@@ -236,7 +367,8 @@ class Stage2(base.Method):
     params, opt_state, _, finite = trainer.guarded_update(params, opt_state, grads, loss, tx)
     return params, opt_state, finite, aux
 
-  def make_train_step(self, tx):
+  def step_fn(self, tx):
+    """The un-jitted `(state, batch, const) -> (state, metrics)` (benchmarks lower it)."""
     s2 = self.cfg
 
     def step(state: trainer.TrainState, batch, const: StepConstants):
@@ -244,7 +376,10 @@ class Stage2(base.Method):
       params, opt_state, finite, aux = self.cell_update(
           tx, state.params, state.opt_state, s2.alpha, s2.beta, shared, batch["masks"], const)
       return state.advanced(finite, params=params, opt_state=opt_state), aux
+    return step
 
+  def make_train_step(self, tx):
+    step = self.step_fn(tx)
     repl, data = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
     jitted = jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                      donate_argnums=(0,))

@@ -138,10 +138,11 @@ class ConfusionUNet(nn.Module):
     if self.level == "global":
       self.cm_heads = GlobalCM(self.num_raters, self.num_classes)
     else:
-      # One head per rater, parameters stacked on a leading R axis.
-      heads = nn.vmap(PixelCMHead, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=None, out_axes=0, axis_size=self.num_raters)
-      self.cm_heads = heads(self.num_classes, self.feature_channels)
+      # One head per rater, parameters stacked on a leading R axis (not nn.vmap: see
+      # `PerRater`, vmapped convs are grouped convolutions, slow on CPU).
+      self.cm_heads = common.PerRater(
+          PixelCMHead, self.num_raters,
+          (("num_classes", self.num_classes), ("width", self.feature_channels)))
 
   def __call__(self, x_BHWC: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns logits y (B, H, W, C) and the positive, unnormalised matrices.

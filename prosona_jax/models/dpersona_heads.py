@@ -100,11 +100,12 @@ class ProjectionHeads(nn.Module):
 
   @nn.compact
   def __call__(self, features_BHWF: jax.Array, train: bool = False) -> jax.Array:
-    heads = nn.vmap(ProjectionHead, variable_axes={"params": 0},
-                    split_rngs={"params": True, "dropout": True}, in_axes=(None, None),
-                    out_axes=1, axis_size=self.num_heads)
-    return heads(tuple(self.filters), self.latent_dim, self.padding, self.dropout,
-                 name="per_rater")(features_BHWF, train)
+    # Not nn.vmap: vmapped convs are grouped convolutions, slow on CPU (`PerRater`).
+    heads = common.PerRater(
+        ProjectionHead, self.num_heads,
+        (("filters", tuple(self.filters)), ("latent_dim", self.latent_dim),
+         ("padding", self.padding), ("dropout", self.dropout)), name="per_rater")
+    return jnp.moveaxis(heads(features_BHWF, train=train), 0, 1)
 
 
 @dataclasses.dataclass(frozen=True)

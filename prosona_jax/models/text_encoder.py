@@ -18,12 +18,16 @@ prompt bank is embedded once per run (`prompt_bank.PromptBank.embed`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
 import pathlib
 import re
+import socket
 import tempfile
+import threading
+import urllib.parse
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -72,6 +76,45 @@ def _offline() -> bool:
   # that sets HF_HUB_OFFLINE later still gets no network attempt.
   return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
              for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+# How long the hub probe may take. A run without network would otherwise spend ~30 s in
+# transformers' retries before failing (issue 14); a reachable hub answers in far less.
+HUB_PROBE_TIMEOUT_S = 2.0
+
+
+def _hub_address() -> tuple[str, int]:
+  """(host, port) a hub download would connect to first: the https proxy, else the hub."""
+  for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    if os.environ.get(name):
+      url = urllib.parse.urlsplit(os.environ[name] if "://" in os.environ[name]
+                                  else "http://" + os.environ[name])
+      return url.hostname or "", url.port or 3128
+  url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+  return url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+  """Whether a TCP connection to the hub (or the https proxy) opens within `timeout_s`.
+
+  Asked once per process. The connect runs in a daemon thread so that a slow name lookup,
+  which `socket` timeouts do not bound, cannot hold the run up either.
+  """
+  host, port = _hub_address()
+  result = []
+
+  def probe():
+    try:
+      socket.create_connection((host, port), timeout=timeout_s).close()
+      result.append(True)
+    except OSError:
+      result.append(False)
+
+  thread = threading.Thread(target=probe, daemon=True, name="hub-probe")
+  thread.start()
+  thread.join(timeout_s)
+  return bool(result and result[0])
 
 
 def _looks_local(model: str) -> bool:
@@ -269,7 +312,9 @@ def load_text_encoder(kind: str = "clip", model: str = "", *, max_length: int = 
     max_length: token length prompts are padded / truncated to.
     normalize: L2-normalise embeddings; default True for bert kinds (sentence-transformers'
       Normalize module), False for CLIP (the paper's raw pooled output).
-    local_files_only: never reach the hub; default: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE.
+    local_files_only: never reach the hub; default: when HF_HUB_OFFLINE or
+      TRANSFORMERS_OFFLINE is set, for a local folder, or when `hub_reachable` finds no
+      network (then the hub cache alone is read, and a miss fails at once).
     batch_size: prompts per compiled forward.
     seed: init seed of the tiny kinds.
 
@@ -286,11 +331,15 @@ def load_text_encoder(kind: str = "clip", model: str = "", *, max_length: int = 
   base, source = _resolve(kind, model)
   if normalize is None:
     normalize = base == "bert"
-  if local_files_only is None:
-    local_files_only = _offline()
   if _looks_local(source) and not os.path.isdir(os.path.expanduser(source)):
     raise TextEncoderError(f"Text encoder folder {source!r} does not exist. "
                            + _how_to_provide(base))
+  probed_offline = False
+  if local_files_only is None:
+    local_files_only = _offline() or _looks_local(source)
+    if not local_files_only and not hub_reachable():
+      # No network: read the hub cache only, at once, instead of retrying for ~30 s.
+      local_files_only = probed_offline = True
   source = os.path.expanduser(source)
   from transformers import (AutoTokenizer, CLIPTokenizerFast, FlaxBertModel,
                             FlaxCLIPTextModel)
@@ -308,8 +357,14 @@ def load_text_encoder(kind: str = "clip", model: str = "", *, max_length: int = 
       hf_model, params = loaded if lazy else (loaded, loaded.params)
       tokenizer = tok_cls.from_pretrained(source, local_files_only=local_files_only)
   except (OSError, ValueError) as err:  # Hub, cache and file errors.
-    raise TextEncoderError(f"Could not load the {base} text encoder from {source!r} "
-                           f"({type(err).__name__}: {err}). " + _how_to_provide(base)) from err
+    if probed_offline:
+      host, port = _hub_address()
+      why = (f"the hub ({host}:{port}) was not reachable within {HUB_PROBE_TIMEOUT_S:g} s "
+             "and no cached copy was found")
+    else:
+      why = f"{type(err).__name__}: {err}"
+    raise TextEncoderError(f"Could not load the {base} text encoder {source!r} ({why}). "
+                           + _how_to_provide(base)) from err
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return TextEncoder(name=model or source, kind=base, model=hf_model, params=params,
                      tokenizer=tokenizer, max_length=max_length, normalize=normalize,
