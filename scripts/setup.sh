@@ -6,13 +6,17 @@
 # `bash scripts/setup.sh --serve` (or PROSONA_SERVE=1) also installs the optional `serve`
 # extra (the local review page, `prosona-serve`) and what its browser test needs:
 # selenium, and Debian's chromium and chromium-driver (through apt-get, when root).
+# `--torch` (or PROSONA_TORCH=1) also installs PyTorch's CPU build, which only
+# `benchmarks/bench_vs_torch.py` and the PyTorch-equivalence test of `convert` use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVE=${PROSONA_SERVE:-0}
+TORCH=${PROSONA_TORCH:-0}
 for arg in "$@"; do
   case "$arg" in
     --serve) SERVE=1 ;;
-    *) echo "setup.sh: unknown argument $arg (only --serve)" >&2; exit 2 ;;
+    --torch) TORCH=1 ;;
+    *) echo "setup.sh: unknown argument $arg (--serve, --torch)" >&2; exit 2 ;;
   esac
 done
 PYTHON=${PYTHON:-python3}
@@ -53,4 +57,10 @@ if [[ "$SERVE" == 1 ]]; then
         "(Debian: apt-get install chromium chromium-driver)" >&2
     fi
   fi
+fi
+if [[ "$TORCH" == 1 ]] && ! python -c "import torch" 2>/dev/null; then
+  # The CPU wheel (no CUDA libraries): from a local wheel store when it has one, else from
+  # PyTorch's CPU index.
+  python -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+    || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi

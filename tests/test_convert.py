@@ -18,6 +18,7 @@ from prosona_jax import inference
 from prosona_jax import predictor as predict
 from prosona_jax.models import prob_unet
 from configs import tiny
+from conftest import missing
 
 SIZE, LATENT, RATERS = 32, 6, 4
 GAUSS = (4, 8, 16)
@@ -52,7 +53,11 @@ def _torch_dpersona(torch, backbone: str):
 
 @pytest.mark.parametrize("backbone", ["unet", "resnet34"])
 def test_converted_model_matches_pytorch(backbone, tmp_path):
-  torch = pytest.importorskip("torch")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    missing("torch is not installed (bash scripts/setup.sh --torch installs the "
+                     "CPU wheel)")
   net = _torch_dpersona(torch, backbone)
   path = str(tmp_path / "DPersona1_LIDC_0_best.pth")
   torch.save({"model": net.state_dict()}, path)  # As D-Persona's train_dp.py saves.
