@@ -16,7 +16,7 @@ hurts all presets alike; the summary gives the min and median over rounds.
   python benchmarks/bench_stage1.py --xla_flags='--xla_cpu_prefer_vector_width=512'
 
 `--xla_flags` presets: `default` (this project's CPU defaults, `xla_flags.CPU_DEFAULTS`;
-currently none), `none` (JAX's own defaults), a name from `xla_flags.CANDIDATES` (e.g.
+currently `eigen_conv`), `none` (JAX's own defaults), a name from `xla_flags.CANDIDATES` (e.g.
 `eigen_conv`; added only if the installed jaxlib knows it), or a literal string of XLA
 flags starting with `--` (used as given). Separate several presets with commas, or with
 `;` when a literal string holds commas. `XLA_FLAGS` from the environment is kept in all.
@@ -36,6 +36,8 @@ from absl import app, flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # Runs from a checkout without installing the package.
+# The user's XLA flags, before importing prosona_jax adds its CPU defaults to them.
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "12"], "Global batch sizes to time.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per batch size and round.")
@@ -187,7 +189,7 @@ def _child_env(preset: str) -> dict:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
   env["PROSONA_XLA_DEFAULTS"] = "0"  # The child never adds defaults on its own.
-  base = env.get("XLA_FLAGS", "")
+  base = _USER_XLA_FLAGS
   if preset == "default":
     env["XLA_FLAGS"] = xla_flags.with_cpu_defaults(base)
   elif preset == "none":

@@ -51,6 +51,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs from a checkout without installing the package; a variant's `CODE=DIR` runs the
 # package (and configs) of another checkout, e.g. `git archive` of an older commit.
 sys.path.insert(0, os.environ.get("CODE", _ROOT))
+# The user's XLA flags, before importing prosona_jax adds its CPU defaults to them.
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 
 _JOBS = flags.DEFINE_list(
     "jobs", ["s1:8", "s1:12", "s2:12", "infer:10:1", "infer:10:16", "infer:50:1",
@@ -410,7 +412,7 @@ def _child_env(contestant: str) -> dict:
   if contestant == TORCH and _OMP_PASSIVE.value:
     env["OMP_WAIT_POLICY"] = "PASSIVE"
   if contestant != TORCH:
-    base = env.get("XLA_FLAGS", "")
+    base = env["XLA_FLAGS"] = _USER_XLA_FLAGS
     if _XLA_FLAGS.value == "default":
       env["XLA_FLAGS"] = xla_flags.with_cpu_defaults(base) if _is_cpu(env) else base
     elif _XLA_FLAGS.value != "none":

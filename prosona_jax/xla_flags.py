@@ -8,7 +8,7 @@ a flag it does not know. So each default here is added only when
 - and `PROSONA_XLA_DEFAULTS` is not `0`.
 
 `set_cpu_defaults()` must run before the first `jax.devices()`/computation; importing
-`jax` alone is fine.
+`jax` alone is fine. Importing `prosona_jax` runs it (`prosona_jax/__init__.py`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ CANDIDATES: dict[str, tuple[str, tuple[bytes, ...]]] = {
                     b"LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")),
 }
 
-# Names from CANDIDATES added to CPU runs. Empty: on a 2-core AMD EPYC (jaxlib 0.10.2)
-# `eigen_conv` speeds up the bare backbone's train step (~0.69 vs 0.80 s) but not the
-# Stage-1 step (1.36 vs 1.31 s at batch 8, 1.99 vs 2.02 s at batch 12; ~10% more CPU
-# time) nor sampling; the other flags tried (YNNPACK off for dots, YNNPACK elementwise
-# and reduce fusions, 512-bit vectors, oneDNN) were no faster or slower.
-CPU_DEFAULTS: tuple[str, ...] = ()
+# Names from CANDIDATES added to CPU runs. `eigen_conv`: on a quiet 2-core AMD EPYC
+# (jaxlib 0.10.2) the Stage-1 step at batch 8 takes 1.43 s instead of 1.91 s, 10 prior
+# samples of 16 images 0.77 s instead of 1.02 s (benchmarks/README.md); YNNPACK runs each
+# convolution on one thread, Eigen on all of them. Other flags tried (YNNPACK off for
+# dots, its elementwise and reduce fusions, 512-bit vectors, oneDNN, the thunk runtime
+# off, the concurrency-optimised scheduler) were no faster.
+CPU_DEFAULTS: tuple[str, ...] = ("eigen_conv",)
 
 _ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin",
                         "jax_rocm6_plugin", "jax_rocm7_plugin", "jax_plugins")
