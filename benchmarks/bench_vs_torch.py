@@ -226,7 +226,6 @@ class _JaxJob:
 
   def __init__(self, contestant: str, kind: str, n: int, b: int):
     import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from configs import lidc  # pylint: disable=g-import-not-at-top
     from prosona_jax import converter  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,7 @@
 The subprocesses share the session's persistent compilation cache (conftest.py).
 """
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -122,28 +123,37 @@ ROWS = {"prosona": "prosona", "unet": "unet_a1", "cm_global": "cm_global",
         "cm_pixel": "cm_pixel", "pionono": "pionono", "dpersona": "dpersona", "tab": "tab"}
 
 
+def _train_and_resume(method: str, root, stage1_dir: str) -> tuple[str, list]:
+  """One method's runs: preempted after step 1 (not ProSona), then run to the end."""
+  workdir = str(root / method)
+  flags = _flags(method, workdir, stage1_dir)
+  attempts = []
+  if method != "prosona":
+    rc, log = _run(flags, {"PROSONA_FAULT_SIGTERM_AT_STEP": "1"})
+    # Preempted before the end: nothing may have been tested yet.
+    scored = os.path.exists(os.path.join(workdir, "eval", f"{ROWS[method]}_fold0.json"))
+    attempts.append((rc, log + ("\nEVAL WRITTEN" if scored else "")))
+  attempts.append(_run(flags, {}))
+  return workdir, attempts
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
   """Every method on configs/tiny.py: preempted after step 1, then re-run to the end.
 
   ProSona runs uninterrupted (its resume is test_train's); D-Persona's heads sit on its
-  Stage 1. Returns {method: (workdir, [(returncode, output), ...])}.
+  Stage 1, so they start once ProSona is done. Two methods run at a time: each process
+  spends most of its time compiling, on one core. Returns {method: (workdir, [(returncode,
+  output), ...])}.
   """
   root = tmp_path_factory.mktemp("methods")
-  out = {}
   stage1_dir = str(root / "prosona" / "fold{fold}" / "stage1" / "checkpoints")
-  for method in METHODS:
-    workdir = str(root / method)
-    flags = _flags(method, workdir, stage1_dir)
-    attempts = []
-    if method != "prosona":
-      rc, log = _run(flags, {"PROSONA_FAULT_SIGTERM_AT_STEP": "1"})
-      # Preempted before the end: nothing may have been tested yet.
-      scored = os.path.exists(os.path.join(workdir, "eval", f"{ROWS[method]}_fold0.json"))
-      attempts.append((rc, log + ("\nEVAL WRITTEN" if scored else "")))
-    attempts.append(_run(flags, {}))
-    out[method] = (workdir, attempts)
-  return out
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    jobs = {m: pool.submit(_train_and_resume, m, root, stage1_dir)
+            for m in METHODS if m != "dpersona"}
+    jobs["prosona"].result()
+    jobs["dpersona"] = pool.submit(_train_and_resume, "dpersona", root, stage1_dir)
+    return {m: job.result() for m, job in jobs.items()}
 
 
 @pytest.mark.parametrize("method", METHODS)
