@@ -41,12 +41,12 @@ _TFLOPS = flags.DEFINE_float("tflops", 10.0, "Assumed sustained TFLOP/s of the G
 _CLIP_DIM = 512
 
 
-def _config(method: str):
+def _config(method: str, batch: int, image_size: int):
   from prosona_jax import config_defaults  # pylint: disable=g-import-not-at-top
   c = config_defaults.base_config()
   c.method = method
-  c.data.image_size = _SIZE.value
-  c.data.batch_size = _BATCH.value
+  c.data.image_size = image_size
+  c.data.batch_size = batch
   c.model.backbone = "resnet34"
   return c
 
@@ -71,8 +71,11 @@ def _state(params, tx, batch_stats):
                         batch_stats)
 
 
-def steps(method: str) -> list[tuple[str, object, tuple]]:
-  """[(stage, un-jitted step, abstract arguments)] of a method's training stages."""
+def steps(method: str, batch: int | None = None, image_size: int | None = None
+          ) -> list[tuple[str, object, tuple]]:
+  """[(stage, step, abstract arguments)] of a method's training stages; the step is the
+  Method's own function (jitted or not), at `batch` and `image_size` (default: the flags).
+  `benchmarks/cost_model.py` compiles these too."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from prosona_jax import optimizers  # pylint: disable=g-import-not-at-top
@@ -80,7 +83,7 @@ def steps(method: str) -> list[tuple[str, object, tuple]]:
   from prosona_jax.methods import baselines, dpersona, prosona_stage1, prosona_stage2  # pylint: disable=g-import-not-at-top,g-multiple-import
   from prosona_jax.methods import registry, tab  # pylint: disable=g-import-not-at-top,g-multiple-import
   from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
-  c = _config(method)
+  c = _config(method, batch or _BATCH.value, image_size or _SIZE.value)
   key = jax.random.key(0)
   out = []
   stage1_vars = jax.eval_shape(lambda r: prob_unet.init_from_config(c, r), key)
@@ -113,7 +116,7 @@ def steps(method: str) -> list[tuple[str, object, tuple]]:
       model = dpersona.build(c)
       tx = dpersona.dpersona_heads.make_optimizer()
       heads = jax.eval_shape(lambda r: model.heads.init(
-          r, jnp.zeros((1, _SIZE.value, _SIZE.value, 16)), False), key)["params"]
+          r, jnp.zeros((1, c.data.image_size, c.data.image_size, 16)), False), key)["params"]
       state = _state({"heads": heads}, tx, stage1_vars["batch_stats"])
       out.append(("dpersona", dpersona.make_step(model, c, tx, key),
                   (state, _batch(c), stage1_vars["params"])))

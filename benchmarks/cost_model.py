@@ -5,8 +5,9 @@ r"""XLA's own accounting of the train steps, and what it implies on an accelerat
   JAX_PLATFORMS=cuda python benchmarks/cost_model.py --json=h100_costs.json
 
 Compiles (never runs) the Stage-1 step (`configs/lidc.py:dpersona`, the setting of
-`bench_vs_torch.py`) and ProSona's Stage-2 step (`configs/lidc.py`) for each batch size
-and backbone dtype, and prints what the compiled programs report:
+`bench_vs_torch.py`) for each batch size and backbone dtype, and ProSona's Stage-2 step
+(the Method's own, from `bench_flops.steps`; float32) for each batch size, and prints
+what the compiled programs report:
 `cost_analysis()` (FLOPs, bytes accessed) and `memory_analysis()` (arguments, outputs,
 temporaries: the device memory a step needs), and the number of kernels (fusions,
 convolutions, library calls) of the optimised program. Memory is fitted as
@@ -76,48 +77,16 @@ def _compile_stage1(batch: int, dtype):
 
 
 def _compile_stage2(batch: int, dtype):
+  """ProSona's Stage-2 step as its Method builds it (`bench_flops.steps`), float32."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from configs import lidc  # pylint: disable=g-import-not-at-top
-  from prosona_jax import contrastive  # pylint: disable=g-import-not-at-top
-  from prosona_jax import prompt_bank  # pylint: disable=g-import-not-at-top
-  from prosona_jax.methods import prosona_stage2 as stage2  # pylint: disable=g-import-not-at-top
-  from prosona_jax.models import prob_unet  # pylint: disable=g-import-not-at-top
-  from prosona_jax.models import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
-  del contrastive
-  config = lidc.get_config()
-  cfg = config.stage2
-  model = prob_unet.build_model(config.model, num_raters=config.data.num_raters, dtype=dtype)
-  projector = prompt_lib.build_projector(config)
-  bank = prompt_bank.PromptBank.from_config(config.text.prompts).train_view()
-  p, d, s = len(bank), 512, config.data.image_size
-  frozen = jax.eval_shape(lambda r: prob_unet.init_variables(
-      model, r, image_size=s, in_channels=1), jax.random.key(0))
-  proj = jax.eval_shape(lambda r: projector.init(r, jnp.zeros((1, d))), jax.random.key(0))
-  tx = optax.adam(cfg.lr)
-  opt_state = jax.eval_shape(tx.init, proj)
-  rater_p = jnp.asarray(bank.rater, jnp.int32)
-  positive = jnp.asarray(bank.positive_mask())
-
-  # The body of `Stage2.make_train_step` (one cell), on abstract inputs.
-  def step(params, opt_state, frozen, emb, image, masks, rng):
-    seg = stage2.choose_phrasings(rng, rater_p, config.data.num_raters,
-                                  cfg.seg_phrasings_per_rater)
-    shared = prompt_lib.shared_forward(model, frozen, image, rng, cfg.num_samples, seg)
-    (loss, _), grads = jax.value_and_grad(stage2.cell_loss, has_aux=True)(
-        params, cfg.alpha, cfg.beta, model=model, frozen=frozen, projector=projector,
-        shared=shared, masks_BRHW=masks, emb_PE=emb, rater_P=rater_p, positive_PP=positive,
-        tau=cfg.tau, scale_scores=cfg.scale_scores, dice_epsilon=cfg.dice_epsilon)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  args = (proj, opt_state, frozen, jax.ShapeDtypeStruct((p, d), np.float32),
-          jax.ShapeDtypeStruct((batch, s, s, 1), np.float32),
-          jax.ShapeDtypeStruct((batch, config.data.num_raters, s, s), np.float32),
-          jax.random.key(2))
-  return jax.jit(step).lower(*args).compile()
+  import bench_flops  # pylint: disable=g-import-not-at-top
+  if jnp.dtype(dtype) != jnp.float32:
+    raise ValueError("Stage 2's step has no backbone dtype switch: float32 only.")
+  _, step, args = next(s for s in bench_flops.steps("prosona", batch, 128)
+                       if s[0] == "stage2")
+  fn = step if hasattr(step, "lower") else jax.jit(step)
+  return fn.lower(*args).compile()
 
 
 def _measure(stage: str, batch: int, dtype_name: str) -> dict:
@@ -154,7 +123,8 @@ def main(argv):
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
   rows = []
   for stage in _STAGES.value:
-    for dtype in _DTYPES.value:
+    # Stage 2 trains only the projector on a frozen float32 backbone.
+    for dtype in _DTYPES.value if stage == "stage1" else ["float32"]:
       for b in _BATCHES.value:
         row = _measure(stage, int(b), dtype)
         row["estimate_ms"] = _estimate_ms(row)

@@ -85,6 +85,40 @@ STYLE_CORE = "solid core only"
 STYLE_MARGIN = "core plus faint surrounding zone, generous margin"
 
 
+def fit_tiny_model(config, loss_fn, *, targets, lr: float, steps: int):
+  """The parameters of `config`'s Stage-1 model fitted quickly for an inference test.
+
+  96 synthetic 32x32 images with 4 raters' masks; `targets(masks_NRHW)` makes what the
+  loss compares with; Adam at `lr` for `steps` batches of 16, each step's
+  `loss_fn(model, params, images, targets, key)` with a key of its own.
+  """
+  import jax
+  import numpy as np
+  import optax
+  from prosona_jax.data import synthetic
+  from prosona_jax.models import prob_unet
+
+  model = prob_unet.build_from_config(config)
+  items = [synthetic.generate_item(0, i, 16, 32, 4) for i in range(96)]
+  x = np.stack([im for im, _ in items])[..., None]
+  y = targets(np.stack([m for _, m in items]).astype(np.float32))
+  params = jax.jit(lambda r: prob_unet.init_from_config(config, r))(jax.random.key(0))["params"]
+  tx = optax.adam(lr)
+
+  @jax.jit
+  def step(params, opt, xb, yb, key):
+    grads = jax.grad(lambda p: loss_fn(model, p, xb, yb, key))(params)
+    updates, opt = tx.update(grads, opt)
+    return optax.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  rng = np.random.default_rng(0)
+  for i in range(steps):
+    idx = rng.choice(len(x), 16, replace=False)
+    params, opt = step(params, opt, x[idx], y[idx], jax.random.key(i))
+  return params
+
+
 @pytest.fixture(scope="session")
 def styles_export(tmp_path_factory) -> str:
   """A 32x32 model whose prompts choose a style, exported (CPU; ~40 s once on 2 cores).
@@ -106,43 +140,28 @@ def styles_export(tmp_path_factory) -> str:
   import optax
   from configs import tiny
   from prosona_jax import exporter, inference, prompt_bank
-  from prosona_jax.data import synthetic
   from prosona_jax.models import prob_unet
   from prosona_jax.models import prompt as prompt_lib
 
   config = tiny.get_config()
   config.stage2.eval_num_samples = 16
-  model = prob_unet.build_from_config(config)
-  items = [synthetic.generate_item(0, i, 16, 32, 4) for i in range(96)]
-  x = np.stack([im for im, _ in items])[..., None]
-  y = np.stack([m for _, m in items]).astype(np.float32)  # (N, 4, H, W), style order.
-  params = jax.jit(lambda r: prob_unet.init_from_config(config, r))(jax.random.key(0))["params"]
-  tx = optax.adam(5e-3)
 
-  @jax.jit
-  def step(params, opt, xb, yb, key):
-    def loss_fn(p):
-      v = {"params": p}
-      feats = model.apply(v, xb, False, method="features")
-      mu, log_sigma = model.apply(v, xb, method="prior_dist")
-      z = jax.lax.stop_gradient(
-          prob_unet.gaussian_sample(mu, log_sigma, jax.random.normal(key, mu.shape)))
-      target = jnp.where(z[:, 0, None, None] < 0, yb[:, 0], yb[:, 3])
-      logits = model.apply(v, feats, z, method="decode")
-      prob = jax.nn.sigmoid(logits)
-      dice = (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
-      kl = 0.5 * (mu ** 2 + jnp.exp(2 * log_sigma) - 1 - 2 * log_sigma).sum(-1)
-      return (optax.sigmoid_binary_cross_entropy(logits, target).mean() + 1 - dice.mean()
-              + kl.mean())
-    grads = jax.grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt)
-    return optax.apply_updates(params, updates), opt
+  def loss_fn(model, params, xb, yb, key):
+    v = {"params": params}
+    feats = model.apply(v, xb, False, method="features")
+    mu, log_sigma = model.apply(v, xb, method="prior_dist")
+    z = jax.lax.stop_gradient(
+        prob_unet.gaussian_sample(mu, log_sigma, jax.random.normal(key, mu.shape)))
+    target = jnp.where(z[:, 0, None, None] < 0, yb[:, 0], yb[:, 3])
+    logits = model.apply(v, feats, z, method="decode")
+    prob = jax.nn.sigmoid(logits)
+    dice = (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
+    kl = 0.5 * (mu ** 2 + jnp.exp(2 * log_sigma) - 1 - 2 * log_sigma).sum(-1)
+    return (optax.sigmoid_binary_cross_entropy(logits, target).mean() + 1 - dice.mean()
+            + kl.mean())
 
-  opt = tx.init(params)
-  rng = np.random.default_rng(0)
-  for i in range(500):
-    idx = rng.choice(len(x), 16, replace=False)
-    params, opt = step(params, opt, x[idx], y[idx], jax.random.key(i))
+  # (N, 4, H, W) targets in style order.
+  params = fit_tiny_model(config, loss_fn, targets=lambda masks: masks, lr=5e-3, steps=500)
   dim, d = 32, int(config.model.latent_dim)
   proj = prompt_lib.build_projector(config).init(jax.random.key(1), jnp.zeros((1, dim)))
   proj = jax.tree.map(np.zeros_like, jax.device_get(proj))

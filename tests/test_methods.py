@@ -24,6 +24,8 @@ import numpy as np
 import optax
 import pytest
 
+import fault_runs
+
 from prosona_jax import checkpointing
 from prosona_jax import config_defaults
 from prosona_jax import run
@@ -37,9 +39,7 @@ from prosona_jax.models import pionono
 from prosona_jax.models import tab as tab_lib
 from prosona_jax.models import unet_head
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAULT_WORKER = os.path.join(REPO, "tests", "fault_worker.py")
-FAULT_VARS = ("PROSONA_FAULT_SIGKILL_AT_STEP", "PROSONA_FAULT_SIGTERM_AT_STEP")
+REPO = fault_runs.REPO
 STEPS = 2  # Per stage: step 1 is checkpointed by the preemption, step 2 by the end.
 
 # BASELINES.md: 1-channel 128 x 128 input, 4 raters.
@@ -109,12 +109,10 @@ def _flags(method: str, workdir: str, stage1_dir: str) -> list[str]:
 
 
 def _run(args: list[str], env_extra: dict, tool: str = "main") -> tuple[int, str]:
-  env = {k: v for k, v in os.environ.items() if k not in FAULT_VARS}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env_extra)
-  cmd = ([sys.executable, FAULT_WORKER, tool] if tool == "main"
+  cmd = ([sys.executable, fault_runs.FAULT_WORKER, tool] if tool == "main"
          else [sys.executable, "-m", f"prosona_jax.{tool}"])
-  proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=1200)
+  proc = subprocess.run(cmd + args, cwd=REPO, env=fault_runs.environment(env_extra),
+                        capture_output=True, text=True, timeout=1200)
   return proc.returncode, proc.stdout + proc.stderr
 
 

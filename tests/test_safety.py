@@ -37,6 +37,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import fault_runs
+
 from prosona_jax import checkpointing
 from prosona_jax import config_lib
 from prosona_jax import logger as logger_lib
@@ -44,59 +46,22 @@ from prosona_jax import parallel
 from prosona_jax import trainer
 from prosona_jax import workdir_lock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAULT_WORKER = os.path.join(REPO, "tests", "fault_worker.py")
-# 33 training images at batch 8: 4 steps per epoch, 12 steps, checkpoints every 2 steps.
-TINY = ("--config=configs/tiny.py:stage1", "--config.stage1.epochs=3",
-        "--config.stage1.checkpoint_every=2")
-TOTAL = 12
-FAULT_VARS = ("PROSONA_FAULT_SIGKILL_AT_STEP", "PROSONA_FAULT_SIGTERM_AT_STEP",
-              "PROSONA_FAULT_NAN_OPT_STATE_AT_STEP")
+REPO = fault_runs.REPO
+TINY, TOTAL = fault_runs.TINY, fault_runs.TINY_STEPS
 
 
 # ---------------------------------------------------------------- helpers
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> dict:
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _start(workdir, *flags, tool="main", config=TINY, env=None) -> subprocess.Popen:
-  full_env = {k: v for k, v in os.environ.items() if k not in FAULT_VARS}
-  full_env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **(env or {}))
-  return subprocess.Popen(
-      [sys.executable, FAULT_WORKER, tool, *config, f"--workdir={workdir}", *flags],
-      cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-  out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out
-
-
-def _run(workdir, *flags, **kw) -> tuple[int, str]:
-  return _finish(_start(workdir, *flags, **kw))
-
-
-def _ckpt_dir(workdir) -> str:
-  return os.path.join(workdir, "fold0", "stage1", "checkpoints")
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(n) for n in os.listdir(_ckpt_dir(workdir)) if n.isdigit())
+  """Environment of a persistent compilation cache shared by this module's subprocesses."""
+  return fault_runs.cache_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _restore(state_dir: str):
   """A saved train state as a tree of arrays, read without any of the package's checks."""
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(state_dir)
-
-
-def _read(path) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
 
 
 def _errors(out: str) -> list[str]:
@@ -129,24 +94,24 @@ def runs(tmp_path_factory, cache):
   and a run preempted after step 6 (checkpoints 4 and 6) that starts over a stale lock."""
   base, cut = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("cut")
   r = {"base": str(base), "cut": str(cut), "cache": cache}
-  first = _start(base, env=cache)  # Also fills the compilation cache.
+  first = fault_runs.start(base, env=cache)  # Also fills the compilation cache.
   lock = base / workdir_lock.LOCK_NAME
   deadline = time.time() + 300
   while not lock.exists() and first.poll() is None and time.time() < deadline:
     time.sleep(0.1)
   r["lock_record"] = json.loads(lock.read_text()) if lock.exists() else None
   r["first_pid"] = first.pid
-  r["second"] = _run(base, "--config.stage1.lr=3e-4", env=cache)
-  r["baseline"] = _finish(first)
+  r["second"] = fault_runs.run(base, "--config.stage1.lr=3e-4", env=cache)
+  r["baseline"] = fault_runs.finish(first)
   r["lock_left"] = lock.exists()
-  r["final"] = _restore(os.path.join(_ckpt_dir(base), str(TOTAL), "state"))
-  r["eval"] = _read(base / "eval" / "stage1_fold0.json")
-  r["config"] = _read(base / "config.json")
+  r["final"] = _restore(os.path.join(fault_runs.ckpt_dir(base), str(TOTAL), "state"))
+  r["eval"] = fault_runs.read(base / "eval" / "stage1_fold0.json")
+  r["config"] = fault_runs.read(base / "config.json")
   r["stale_pid"] = _dead_pid()
   (cut / workdir_lock.LOCK_NAME).write_text(json.dumps(
       {"pid": r["stale_pid"], "host": socket.gethostname(), "started": "earlier",
        "command": "a run that died"}))
-  r["cut_run"] = _run(cut, env=dict(cache, PROSONA_FAULT_SIGTERM_AT_STEP="6"))
+  r["cut_run"] = fault_runs.run(cut, env=dict(cache, PROSONA_FAULT_SIGTERM_AT_STEP="6"))
   return r
 
 
@@ -156,7 +121,7 @@ def _flip_a_bit_silently(step_dir: str) -> str:
   state_dir = os.path.join(step_dir, "state")
   reference = _restore(state_dir)
   path = _largest_data_file(step_dir)
-  original = _read(path)
+  original = fault_runs.read(path)
   rng = np.random.default_rng(0)
   for _ in range(60):
     pos, bit = int(rng.integers(64, len(original) - 16)), int(rng.integers(8))
@@ -209,8 +174,8 @@ def resumed(runs, tmp_path_factory):
     if kind not in done:
       work = tmp_path_factory.mktemp(kind) / "work"
       shutil.copytree(runs["cut"], work)
-      DAMAGES[kind](os.path.join(_ckpt_dir(work), "6"))
-      rc, out = _run(work, env=runs["cache"])
+      DAMAGES[kind](os.path.join(fault_runs.ckpt_dir(work), "6"))
+      rc, out = fault_runs.run(work, env=runs["cache"])
       done[kind] = {"rc": rc, "out": out, "work": str(work)}
     return done[kind]
 
@@ -222,7 +187,7 @@ def resumed(runs, tmp_path_factory):
 def test_preempted_run_kept_steps_4_and_6(runs):
   rc, out = runs["cut_run"]
   assert rc == 143, out[-3000:]
-  assert _steps(runs["cut"]) == [4, 6]
+  assert fault_runs.steps(runs["cut"]) == [4, 6]
 
 
 @pytest.mark.parametrize("kind", list(DAMAGES))
@@ -237,28 +202,28 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one_bit_identically
   assert f"finished {TOTAL - 4} steps" in r["out"]
   assert "Traceback" not in r["out"] and "Exception ignored" not in r["out"]
   # The damaged step is kept aside for inspection; training wrote step 6 anew.
-  assert os.path.isdir(os.path.join(_ckpt_dir(r["work"]), "6.damaged"))
-  assert _steps(r["work"])[-1] == TOTAL
+  assert os.path.isdir(os.path.join(fault_runs.ckpt_dir(r["work"]), "6.damaged"))
+  assert fault_runs.steps(r["work"])[-1] == TOTAL
   _assert_trees_equal(runs["final"],
-                      _restore(os.path.join(_ckpt_dir(r["work"]), str(TOTAL), "state")))
-  assert _read(os.path.join(r["work"], "eval", "stage1_fold0.json")) == runs["eval"]
+                      _restore(os.path.join(fault_runs.ckpt_dir(r["work"]), str(TOTAL), "state")))
+  assert fault_runs.read(os.path.join(r["work"], "eval", "stage1_fold0.json")) == runs["eval"]
 
 
 def test_no_intact_checkpoint_exits_2_naming_the_steps_tried(runs, tmp_path):
   work = tmp_path / "work"
   shutil.copytree(runs["cut"], work)
   for step in (4, 6):
-    _delete(os.path.join(_ckpt_dir(work), str(step)))
-  rc, out = _run(work, env=runs["cache"])
+    _delete(os.path.join(fault_runs.ckpt_dir(work), str(step)))
+  rc, out = fault_runs.run(work, env=runs["cache"])
   assert rc == 2, out[-3000:]
   errors = _errors(out)
   assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
   assert "no intact checkpoint; tried step 6 (" in errors[0] and "; step 4 (" in errors[0]
-  assert _steps(work) == [4, 6]  # Nothing set aside when nothing could be resumed.
+  assert fault_runs.steps(work) == [4, 6]  # Nothing set aside when nothing could be resumed.
 
 
 def test_checkpoint_meta_records_step_iterator_and_checksums(runs):
-  meta = checkpointing.read_meta(checkpointing.step_dirs(_ckpt_dir(runs["base"]))[0][1])
+  meta = checkpointing.read_meta(checkpointing.step_dirs(fault_runs.ckpt_dir(runs["base"]))[0][1])
   assert meta["step"] == meta["batches"] == TOTAL
   assert meta["iterator"] == {"next_index": TOTAL}
   leaves = meta["checksum"]["leaves"]
@@ -287,7 +252,7 @@ def _toy_checkpoints(directory: str):
 
 def _truncate(step_dir):
   path = _largest_data_file(step_dir)
-  data = _read(path)
+  data = fault_runs.read(path)
   with open(path, "wb") as f:
     f.write(data[:len(data) // 2])
 
@@ -341,12 +306,12 @@ def test_params_only_restore_verifies_and_falls_back_without_moving(tmp_path):
 def test_nonfinite_parameters_are_never_saved_and_the_stop_names_a_good_step(tmp_path, cache):
   # NaN moments after step 3: step 4's loss and gradients are finite, its parameters NaN.
   work = tmp_path / "nan"
-  rc, out = _run(work, env=dict(cache, PROSONA_FAULT_NAN_OPT_STATE_AT_STEP="3"))
+  rc, out = fault_runs.run(work, env=dict(cache, PROSONA_FAULT_NAN_OPT_STATE_AT_STEP="3"))
   assert rc == 1, out[-3000:]
   assert "became NaN or infinite by step 4" in out, out[-3000:]
-  assert f"The last good checkpoint is step 2 in {_ckpt_dir(work)}" in out
-  assert _steps(work) == [2]
-  assert not checkpointing.nonfinite_leaves(_restore(os.path.join(_ckpt_dir(work), "2",
+  assert f"The last good checkpoint is step 2 in {fault_runs.ckpt_dir(work)}" in out
+  assert fault_runs.steps(work) == [2]
+  assert not checkpointing.nonfinite_leaves(_restore(os.path.join(fault_runs.ckpt_dir(work), "2",
                                                                   "state")))
 
 
@@ -403,7 +368,7 @@ def test_stale_lock_is_taken_over_with_a_warning(runs):
 
 def test_live_lock_refuses_the_grid_too(tmp_path, cache):
   with workdir_lock.hold(str(tmp_path)):
-    rc, out = _run(tmp_path, tool="grid", config=("--config=configs/tiny.py",), env=cache)
+    rc, out = fault_runs.run(tmp_path, tool="grid", config=("--config=configs/tiny.py",), env=cache)
   assert rc == 2, out[-3000:]
   errors = _errors(out)
   assert len(errors) == 1 and f"pid {os.getpid()} on " in errors[0], out[-3000:]
@@ -413,24 +378,24 @@ def test_live_lock_refuses_the_grid_too(tmp_path, cache):
 # ---------------------------------------------------------------- resuming a changed config
 
 def test_resume_with_another_architecture_exits_2_leaving_config_json(runs):
-  rc, out = _run(runs["base"], "--config.model.latent_dim=5", env=runs["cache"])
+  rc, out = fault_runs.run(runs["base"], "--config.model.latent_dim=5", env=runs["cache"])
   assert rc == 2, out[-3000:]
   errors = _errors(out)
   assert len(errors) == 1, out[-3000:]
   assert "config differs from " in errors[0] and "model.latent_dim (6 -> 5)" in errors[0]
   assert "--config.allow_config_change=True" in errors[0]
-  assert _read(os.path.join(runs["base"], "config.json")) == runs["config"]
+  assert fault_runs.read(os.path.join(runs["base"], "config.json")) == runs["config"]
   assert not os.path.exists(os.path.join(runs["base"], "config.prev.json"))
 
 
 def test_resume_with_more_epochs_trains_on(runs, tmp_path):
   work = tmp_path / "longer"
   shutil.copytree(runs["base"], work)
-  rc, out = _run(work, "--config.stage1.epochs=4", env=runs["cache"])
+  rc, out = fault_runs.run(work, "--config.stage1.epochs=4", env=runs["cache"])
   assert rc == 0, out[-3000:]
   assert f"resumed from the checkpoint of step {TOTAL}." in out
   assert "finished 4 steps" in out
-  assert _read(work / "config.prev.json") == runs["config"]
+  assert fault_runs.read(work / "config.prev.json") == runs["config"]
   assert json.loads((work / "config.json").read_text())["stage1"]["epochs"] == 4
 
 
@@ -455,7 +420,7 @@ def test_config_changes_lists_what_matters_only():
 ])
 def test_unusable_setting_is_one_line_before_compiling(tmp_path, override, field):
   work = tmp_path / "w"
-  rc, out = _run(work, override)
+  rc, out = fault_runs.run(work, override)
   assert rc == 2, out[-3000:]
   errors = _errors(out)
   assert len(errors) == 1 and field in errors[0], out[-3000:]
@@ -553,7 +518,7 @@ def test_main_shows_the_one_per_image_warning_once(tmp_path):
   rng = np.random.default_rng(0)
   np.savez(path, images=rng.random((48, 32, 32), np.float32),
            masks=(rng.random((48, 4, 32, 32)) > 0.5).astype(np.uint8))
-  rc, out = _run(tmp_path / "w", "--config.data.format=npz", f"--config.data.path={path}",
+  rc, out = fault_runs.run(tmp_path / "w", "--config.data.format=npz", f"--config.data.path={path}",
                  "--config.stage1.epochs=0")
   assert rc == 2, out[-3000:]  # epochs=0 stops it after the data opened.
   assert out.count("every image is its own patient") == 1, out[-3000:]

@@ -30,6 +30,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import fault_runs
+
 from prosona_jax import checkpointing
 from prosona_jax import logger as logger_lib
 from prosona_jax import optimizers
@@ -41,13 +43,8 @@ from prosona_jax.data import sources
 from prosona_jax.methods import prosona_stage1
 from prosona_jax.models import prob_unet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAULT_WORKER = os.path.join(REPO, "tests", "fault_worker.py")
-# 33 training images at batch 8: 4 steps per epoch, 12 steps, checkpoints every 2 steps.
-TINY = ("--config=configs/tiny.py:stage1", "--config.stage1.epochs=3",
-        "--config.stage1.checkpoint_every=2")
-TOTAL = 12
-FAULT_VARS = ("PROSONA_FAULT_SIGKILL_AT_STEP", "PROSONA_FAULT_SIGTERM_AT_STEP")
+REPO = fault_runs.REPO
+TINY, TOTAL = fault_runs.TINY, fault_runs.TINY_STEPS
 
 
 # ---------------------------------------------------------------- helpers
@@ -55,51 +52,13 @@ FAULT_VARS = ("PROSONA_FAULT_SIGKILL_AT_STEP", "PROSONA_FAULT_SIGTERM_AT_STEP")
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> dict:
   """Environment of a persistent compilation cache shared by this module's subprocesses."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def _env(extra: dict) -> dict:
-  env = {k: v for k, v in os.environ.items() if k not in FAULT_VARS}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.update(extra)
-  return env
-
-
-def _start(workdir, *flags, config=TINY, env=None) -> subprocess.Popen:
-  return subprocess.Popen(
-      [sys.executable, FAULT_WORKER, "main", *config, f"--workdir={workdir}", *flags],
-      cwd=REPO, env=_env(env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-  out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out
-
-
-def _run(workdir, *flags, **kw) -> tuple[int, str]:
-  return _finish(_start(workdir, *flags, **kw))
-
-
-def _ckpt_dir(workdir) -> str:
-  return os.path.join(workdir, "fold0", "stage1", "checkpoints")
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(n) for n in os.listdir(_ckpt_dir(workdir)) if n.isdigit())
+  return fault_runs.cache_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _restore(directory, step: int):
   """The saved TrainState of `step` as a pytree of arrays (no target needed)."""
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(os.path.join(directory, str(step), "state"))
-
-
-def _read(path) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
 
 
 def _train_losses(workdir) -> dict[int, list[float]]:
@@ -137,20 +96,20 @@ def runs(tmp_path_factory, cache):
   cut = str(tmp_path_factory.mktemp("interrupted"))
   eval_json = lambda d: os.path.join(d, "eval", "stage1_fold0.json")
   r = {"base": base, "cut": cut, "cache": cache}
-  r["baseline"] = _run(base, env=cache)  # First: it fills the compilation cache.
+  r["baseline"] = fault_runs.run(base, env=cache)  # First: it fills the compilation cache.
   # 1. SIGTERM after step 3 (not a multiple of checkpoint_every: only preemption saves it).
-  r["sigterm"] = _run(cut, env=dict(cache, PROSONA_FAULT_SIGTERM_AT_STEP="3"))
-  r["sigterm_steps"] = _steps(cut)
-  r["sigterm_saved_step"] = (int(_restore(_ckpt_dir(cut), 3)["step"])
+  r["sigterm"] = fault_runs.run(cut, env=dict(cache, PROSONA_FAULT_SIGTERM_AT_STEP="3"))
+  r["sigterm_steps"] = fault_runs.steps(cut)
+  r["sigterm_saved_step"] = (int(_restore(fault_runs.ckpt_dir(cut), 3)["step"])
                              if 3 in r["sigterm_steps"] else None)
   r["sigterm_eval"] = os.path.exists(eval_json(cut))
   # 2. SIGKILL right after the asynchronous save of step 8 was started (likely half written).
-  r["sigkill"] = _run(cut, env=dict(cache, PROSONA_FAULT_SIGKILL_AT_STEP="8"))
+  r["sigkill"] = fault_runs.run(cut, env=dict(cache, PROSONA_FAULT_SIGKILL_AT_STEP="8"))
   r["sigkill_eval"] = os.path.exists(eval_json(cut))
   # 3. The same command again finishes the run.
-  r["resume"] = _run(cut, env=cache)
-  r["base_eval"] = _read(eval_json(base)) if os.path.exists(eval_json(base)) else None
-  r["cut_eval"] = _read(eval_json(cut)) if os.path.exists(eval_json(cut)) else None
+  r["resume"] = fault_runs.run(cut, env=cache)
+  r["base_eval"] = fault_runs.read(eval_json(base)) if os.path.exists(eval_json(base)) else None
+  r["cut_eval"] = fault_runs.read(eval_json(cut)) if os.path.exists(eval_json(cut)) else None
   return r
 
 
@@ -175,16 +134,16 @@ def test_sigkill_then_rerun_resumes_from_a_checkpoint(runs):
   assert resumed and int(resumed[0]) in (6, 8), out[-3000:]
   assert f"finished {TOTAL - int(resumed[0])} steps" in out
   # A half-written checkpoint leaves no debris behind.
-  assert not [n for n in os.listdir(_ckpt_dir(runs["cut"])) if "tmp" in n]
+  assert not [n for n in os.listdir(fault_runs.ckpt_dir(runs["cut"])) if "tmp" in n]
 
 
 def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(runs):
   rc, out = runs["baseline"]
   assert rc == 0, out[-3000:]
-  assert _steps(runs["base"])[-1] == _steps(runs["cut"])[-1] == TOTAL
+  assert fault_runs.steps(runs["base"])[-1] == fault_runs.steps(runs["cut"])[-1] == TOTAL
   # Parameters, optimizer state and step counter: bit for bit.
-  _assert_trees_equal(_restore(_ckpt_dir(runs["base"]), TOTAL),
-                      _restore(_ckpt_dir(runs["cut"]), TOTAL))
+  _assert_trees_equal(_restore(fault_runs.ckpt_dir(runs["base"]), TOTAL),
+                      _restore(fault_runs.ckpt_dir(runs["cut"]), TOTAL))
   # Test-fold scores: byte for byte.
   assert runs["base_eval"] is not None and runs["base_eval"] == runs["cut_eval"]
   # Every step logged by both saw the same batch and rng (the data iterator resumed).
@@ -196,16 +155,16 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(runs):
 
 def test_rerun_of_a_finished_run_trains_nothing(runs):
   base = runs["base"]
-  steps_before = _steps(base)
+  steps_before = fault_runs.steps(base)
   logs = os.path.join(base, "fold0", "stage1", "logs", "metrics.jsonl")
-  log_before = _read(logs)
-  rc, out = _run(base, env=runs["cache"])
+  log_before = fault_runs.read(logs)
+  rc, out = fault_runs.run(base, env=runs["cache"])
   assert rc == 0, out[-3000:]
   assert f"already complete ({TOTAL} steps)" in out
   assert not re.search(rf"step \d+/{TOTAL}", out)
-  assert _steps(base) == steps_before
-  assert _read(logs) == log_before
-  assert _read(os.path.join(base, "eval", "stage1_fold0.json")) == runs["base_eval"]
+  assert fault_runs.steps(base) == steps_before
+  assert fault_runs.read(logs) == log_before
+  assert fault_runs.read(os.path.join(base, "eval", "stage1_fold0.json")) == runs["base_eval"]
 
 
 # ---------------------------------------------------------------- NaN
@@ -330,12 +289,12 @@ def test_data_parallel_on_8_devices_matches_1_device(tmp_path):
   out = str(tmp_path / "dp8")
   flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--dp-worker", out],
-                          cwd=REPO, env=_env({"XLA_FLAGS": flags.strip()}),
+                          cwd=REPO, env=fault_runs.environment({"XLA_FLAGS": flags.strip()}),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     ref_params, ref_losses, ref_placement = _dp_train(jax.devices()[:1])  # Meanwhile.
   finally:
-    rc, log = _finish(proc)
+    rc, log = fault_runs.finish(proc)
   assert rc == 0, log[-3000:]
   with open(out + ".json") as f:
     result = json.load(f)
@@ -359,14 +318,15 @@ LIDC_COUNTS = {"backbone": 24429952, "prior": 1967724, "posterior": 1967868, "fc
 
 def test_dry_run_writes_exact_parameter_counts(tmp_path):
   workdir = tmp_path / "dry"
-  proc = _start(workdir, "--dry_run", config=("--config=configs/lidc.py",))  # Compiles nothing.
+  # Compiles nothing.
+  proc = fault_runs.start(workdir, "--dry_run", config=("--config=configs/lidc.py",))
   try:
     # Meanwhile, in this process: D-Persona's posterior sees all four masks.
     config = _load_config("configs/lidc.py")
     config.model.posterior_input = "all"
     summary_all = run.dry_run(config, str(tmp_path / "dry_all"))
   finally:
-    rc, out = _finish(proc)
+    rc, out = fault_runs.finish(proc)
   assert rc == 0, out[-3000:]
   assert os.listdir(workdir) == ["model_summary.json"]  # No data read, nothing trained.
   with open(workdir / "model_summary.json") as f:
@@ -384,7 +344,7 @@ def test_dry_run_writes_exact_parameter_counts(tmp_path):
 ])
 def test_misspelt_override_fails_at_start_up(tmp_path, override, name):
   workdir = tmp_path / "never"
-  rc, out = _run(workdir, override)
+  rc, out = fault_runs.run(workdir, override)
   assert rc != 0
   assert f"'{name}'" in out, out[-3000:]
   assert not workdir.exists()

@@ -17,12 +17,12 @@ import optax
 import pytest
 
 from configs import tiny
+from conftest import fit_tiny_model
 from prosona_jax import exporter
 from prosona_jax import inference
 from prosona_jax import model_loader
 from prosona_jax import predictor
 from prosona_jax import prompt_bank
-from prosona_jax.data import synthetic
 from prosona_jax.models import prob_unet
 from prosona_jax.models import prompt as prompt_lib
 
@@ -33,32 +33,18 @@ LESION = (380, 120)  # Row, column of the disc in the 512x512 slice.
 def lesion_export(tmp_path_factory) -> str:
   """A 32x32 model that marks bright blobs (union of the raters), exported (CPU)."""
   config = tiny.get_config()
-  model = prob_unet.build_from_config(config)
-  items = [synthetic.generate_item(0, i, 16, 32, 4) for i in range(96)]
-  x = np.stack([im for im, _ in items])[..., None]
-  y = np.stack([m.max(0) for _, m in items]).astype(np.float32)
-  params = jax.jit(lambda r: prob_unet.init_from_config(config, r))(jax.random.key(0))["params"]
-  tx = optax.adam(3e-3)
 
-  @jax.jit
-  def step(params, opt, xb, yb, key):
-    def loss_fn(p):
-      v = {"params": p}
-      feats = model.apply(v, xb, False, method="features")
-      mu, log_sigma = model.apply(v, xb, method="prior_dist")
-      # Decoded from prior samples, as inference decodes them.
-      z = prob_unet.gaussian_sample(mu, log_sigma, jax.random.normal(key, mu.shape))
-      logits = model.apply(v, feats, z, method="decode")
-      return optax.sigmoid_binary_cross_entropy(logits, yb).mean()
-    grads = jax.grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt)
-    return optax.apply_updates(params, updates), opt
+  def loss_fn(model, params, xb, yb, key):
+    v = {"params": params}
+    feats = model.apply(v, xb, False, method="features")
+    mu, log_sigma = model.apply(v, xb, method="prior_dist")
+    # Decoded from prior samples, as inference decodes them.
+    z = prob_unet.gaussian_sample(mu, log_sigma, jax.random.normal(key, mu.shape))
+    logits = model.apply(v, feats, z, method="decode")
+    return optax.sigmoid_binary_cross_entropy(logits, yb).mean()
 
-  opt = tx.init(params)
-  rng = np.random.default_rng(0)
-  for i in range(250):
-    idx = rng.choice(len(x), 16, replace=False)
-    params, opt = step(params, opt, x[idx], y[idx], jax.random.key(i))
+  params = fit_tiny_model(config, loss_fn, targets=lambda masks: masks.max(1), lr=3e-3,
+                          steps=250)
   proj = prompt_lib.build_projector(config).init(jax.random.key(1), jnp.zeros((1, 16)))
   bank = prompt_bank.PromptBank.from_phrasings(
       [p[:1] for p in prompt_bank.SYNTHETIC_PROMPTS["train"]])

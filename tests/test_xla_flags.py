@@ -53,3 +53,25 @@ def test_installed_jaxlib_accepts_the_candidates():
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        check=True)
   assert out.stdout.strip() == "3.0"
+
+
+def test_importing_the_package_applies_the_cpu_defaults_unless_told_not_to():
+  """`import prosona_jax` sets XLA_FLAGS on CPU (before any backend starts); opt-out and
+  the user's own value of a flag are respected."""
+  expected = xla_flags.with_cpu_defaults("")
+  assert expected, "this jaxlib supports none of CPU_DEFAULTS: nothing to check"
+  code = "import os, prosona_jax; print(os.environ.get('XLA_FLAGS', ''))"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def flags_after_import(**extra) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "PROSONA_XLA_DEFAULTS")}
+    env.update(JAX_PLATFORMS="cpu", **extra)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+  assert flags_after_import() == expected
+  assert flags_after_import(PROSONA_XLA_DEFAULTS="0") == ""
+  flag, _ = xla_flags.CANDIDATES[xla_flags.CPU_DEFAULTS[0]]
+  own = flag.split("=")[0] + "=-individual_dot"
+  assert flags_after_import(XLA_FLAGS=own) == own
